@@ -1,0 +1,1 @@
+"""The generative families, one LightningModule each, behind the contract in `contract.py`."""

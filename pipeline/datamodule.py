@@ -1,0 +1,100 @@
+"""The LightningDataModule over a prepared dataset folder.
+
+Images come off disk as integer levels and are dequantised here: fresh uniform noise for every training
+batch, a fixed seeded noise for val/test so evaluation is repeatable (`dequantize`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lightning_modules.contract import DataInfo
+from pipeline.store import data_info, read_manifest, read_split
+
+
+def dequantize(x_levels: torch.Tensor, levels: Optional[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Integer levels 0..L-1 -> (x + u) / L with u ~ U[0, 1): a sample in the level's bin of [0, 1]."""
+    if levels is None:
+        return x_levels
+    u = torch.rand(x_levels.shape, generator=generator)
+    return (x_levels.float() + u) / levels
+
+
+def bin_centres(x_levels: torch.Tensor, levels: Optional[int]) -> torch.Tensor:
+    """The noiseless image: the centre of each level's bin (what a grid or a real-image FID shows)."""
+    return x_levels if levels is None else (x_levels.float() + 0.5) / levels
+
+
+class ShardSampler(Sampler):
+    """Rank r takes examples r, r+W, r+2W, ... in order: disjoint, no padding, no shuffling.
+
+    Exact EM needs this (DistributedSampler pads by repeating examples, which would bias the
+    summed sufficient statistics)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class PreparedDataModule(pl.LightningDataModule):
+    def __init__(self, folder: str | Path, batch_size: int = 128, seed: int = 0, num_workers: int = 0,
+                 fixed_train_noise: bool = False, exact_sharding: bool = False):
+        super().__init__()
+        self.folder = Path(folder)
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.fixed_train_noise, self.exact_sharding = fixed_train_noise, exact_sharding
+        self.manifest = read_manifest(self.folder)
+        self.info: DataInfo = data_info(self.manifest)
+        self._raw = {}
+
+    def raw(self, split: str):
+        """(x, y) as stored: integer levels for images."""
+        if split not in self._raw:
+            x, y = read_split(self.folder, split, self.manifest)
+            self._raw[split] = (torch.from_numpy(x), torch.from_numpy(y))
+        return self._raw[split]
+
+    def has_split(self, split: str) -> bool:
+        return f"{split}_x.npy" in self.manifest["files"]
+
+    def split(self, split: str, seed_offset: int = 0):
+        """(x, y) in data space with a fixed, seeded dequantisation."""
+        x, y = self.raw(split)
+        g = torch.Generator().manual_seed(self.seed + 1000 + seed_offset)
+        return dequantize(x, self.info.levels, g), y
+
+    def _collate_dequantize(self, batch):
+        x, y = torch.utils.data.default_collate(batch)
+        return dequantize(x, self.info.levels), y
+
+    def train_dataloader(self):
+        if self.fixed_train_noise:
+            ds, collate = TensorDataset(*self.split("train")), None
+        else:
+            ds, collate = TensorDataset(*self.raw("train")), self._collate_dequantize
+        trainer = self.trainer
+        if self.exact_sharding and trainer is not None and trainer.world_size > 1:
+            sampler = ShardSampler(len(ds), trainer.global_rank, trainer.world_size)
+            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
+                              num_workers=self.num_workers)
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=not self.exact_sharding, generator=g,
+                          collate_fn=collate, num_workers=self.num_workers, drop_last=False)
+
+    def _eval_loader(self, split: str):
+        return DataLoader(TensorDataset(*self.split(split)), batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")
