@@ -58,9 +58,12 @@ class GenerativeModel(pl.LightningModule):
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__()
-        self.save_hyperparameters({"cfg": dict(cfg), "info": dict(info)})
+        self.save_hyperparameters({"cfg": dict(cfg), "info": dict(info)}, logger=False)  # the train stage logs the whole config
         self.cfg = dict(cfg)
         self.info = DataInfo.from_dict(info)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["genzoo_family"] = self.family  # lets `genzoo sample` load a bare checkpoint
 
     # --- the contract -------------------------------------------------------------------------
     def sample(self, n: int) -> Tensor:
@@ -75,6 +78,10 @@ class GenerativeModel(pl.LightningModule):
     def anomaly_score(self, x: Tensor) -> Tensor:
         """Higher = more anomalous. Default: the negative log-likelihood."""
         return -self.log_prob(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Served through MLflow's pyfunc, a generative model scores data: its anomaly score."""
+        return self.anomaly_score(x)
 
     @classmethod
     def has_log_prob(cls) -> bool:

@@ -1,0 +1,66 @@
+"""The family x metric comparison table, shared by the HTML report and `genzoo compare`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+FLOOR_ROW = "real data"
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    better: Optional[str]  # "low" | "high" | None (not ranked)
+    fmt: str = "{:.3g}"
+
+
+COLUMNS: List[Column] = [
+    Column("nll_kind", "NLL kind", None, "{}"),
+    Column("nll", "NLL (nats)", "low", "{:.2f}"),
+    Column("bpd", "bits/dim", "low", "{:.3f}"),
+    Column("perplexity", "perplexity", "low", "{:.2f}"),
+    Column("fid", "FID", "low", "{:.2f}"),
+    Column("kid_mean", "KID", "low", "{:.4f}"),
+    Column("precision", "precision", "high", "{:.3f}"),
+    Column("recall", "recall", "high", "{:.3f}"),
+    Column("anomaly_auroc", "anomaly AUROC", "high", "{:.3f}"),
+    Column("probe_acc", "probe acc", "high", "{:.3f}"),
+    Column("probe_acc_10", "probe acc (10/class)", "high", "{:.3f}"),
+    Column("train_seconds", "train s", "low", "{:.1f}"),
+    Column("samples_per_second", "samples/s", "high", "{:.0f}"),
+    Column("parameters", "params", "low", "{:.0f}"),
+    Column("peak_memory_mb", "peak MB", "low", "{:.0f}"),
+]
+
+KIND_LABEL = {"exact": "exact", "lower_bound": "bound", "estimate": "estimate", None: "n/a"}
+
+
+def _number(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
+
+
+def best_per_column(rows: Dict[str, dict]) -> Dict[str, str]:
+    """Column key -> the family with the best value (the real-data floor never competes)."""
+    best = {}
+    for col in COLUMNS:
+        if col.better is None:
+            continue
+        vals = {f: _number(r.get(col.key)) for f, r in rows.items() if f != FLOOR_ROW}
+        vals = {f: v for f, v in vals.items() if v is not None}
+        if len(vals) > 1:
+            pick = min if col.better == "low" else max
+            best[col.key] = pick(vals, key=vals.get)
+    return best
+
+
+def used_columns(rows: Dict[str, dict]) -> List[Column]:
+    return [c for c in COLUMNS if any(c.key in r for r in rows.values())]
+
+
+def cell(row: dict, col: Column) -> str:
+    if col.key == "nll_kind":
+        return KIND_LABEL.get(row.get("nll_kind"), str(row.get("nll_kind")))
+    v = _number(row.get(col.key))
+    return "n/a" if v is None else col.fmt.format(v)

@@ -1,0 +1,86 @@
+"""MLflow plumbing shared by the stages: where the store is, the run of a family, its tags, its failure.
+
+Default store: sqlite `mlflow.db` in the working directory; `tracking.uri` or `MLFLOW_TRACKING_URI`
+override it. Telemetry is off unless the user turned it on. A family's training and evaluation share
+one run: train writes its id to `mlflow_run.json` beside the checkpoint and evaluate reopens it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_FILE = "mlflow_run.json"
+
+
+def quiet_telemetry() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def tracking_uri(cfg) -> str:
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def experiment_name(cfg) -> str:
+    return cfg.tracking.experiment or f"genzoo-{cfg.data.dataset.replace(':', '-')}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(cfg, family: str, manifest: dict) -> dict:
+    return {
+        "genzoo.family": family,
+        "genzoo.dataset": cfg.data.dataset,
+        "genzoo.git_commit": git_commit(),
+        "genzoo.data_hash": manifest["content_hash"],
+    }
+
+
+def client(cfg):
+    import mlflow
+
+    quiet_telemetry()
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return mlflow.MlflowClient()
+
+
+def write_run_file(model_dir: Path, run_id: str, experiment_id: str, uri: str) -> None:
+    (model_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}) + "\n")
+
+
+def read_run_file(model_dir: Path) -> Optional[dict]:
+    path = model_dir / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mark_failed(cfg, run_id: Optional[str], reason: str) -> None:
+    if not run_id:
+        return
+    c = client(cfg)
+    c.set_tag(run_id, "genzoo.failure", reason[:4000])
+    c.set_terminated(run_id, "FAILED")
+
+
+@contextmanager
+def failing_marks_run(cfg, run_id_getter):
+    """Any exception inside marks the run FAILED with the reason as a tag, then propagates."""
+    try:
+        yield
+    except BaseException as e:
+        reason = f"{type(e).__name__}: {e}"
+        try:
+            mark_failed(cfg, run_id_getter(), reason)
+        finally:
+            raise

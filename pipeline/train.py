@@ -1,0 +1,145 @@
+"""Stage `train@<family>`: seed -> data -> model -> callbacks -> logger -> trainer -> fit -> checkpoint.
+
+Outputs in `data/models/<family>/`: `model.ckpt` (what evaluate loads), `last.ckpt` (for resuming),
+`mlflow_run.json` (the run evaluate reopens) and `state.json` (config hash, finished or not). A run
+interrupted with the same config resumes from `last.ckpt` into the same MLflow run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+
+from lightning_modules.registry import family_class
+from pipeline import tracking
+from pipeline.callbacks import FailOnNonFiniteLoss, ReseedEachEpoch, SampleFID
+from pipeline.config import family_section, flatten, require_family
+from pipeline.datamodule import PreparedDataModule
+from pipeline.datasets import prepared_dir
+from pipeline.errors import GenzooError
+from pipeline.features import feature_extractor
+
+STATE_FILE = "state.json"
+
+
+def models_dir(cfg, family: str) -> Path:
+    return Path(cfg.data.root) / "models" / family
+
+
+def config_hash(cfg, family: str) -> str:
+    relevant = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "trainer", family)}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def datamodule_for(cfg, cls) -> PreparedDataModule:
+    return PreparedDataModule(prepared_dir(cfg.data), batch_size=cfg.data.batch_size, seed=cfg.trainer.seed,
+                              num_workers=cfg.data.num_workers, fixed_train_noise=cls.exact_sharding,
+                              exact_sharding=cls.exact_sharding)
+
+
+def build_trainer(cfg, max_epochs: int, default_root_dir: Path, **kwargs) -> pl.Trainer:
+    t = cfg.trainer
+    args = dict(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        precision=t.precision, max_epochs=t.max_epochs or max_epochs, deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_n_steps, default_root_dir=str(default_root_dir),
+        enable_progress_bar=sys.stdout.isatty(), enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**args, **kwargs})
+
+
+def _resume_point(cfg, family: str, model_dir: Path):
+    """(checkpoint, run id) to resume from, or (None, None) for a fresh start (which clears the folder)."""
+    state_path = model_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    last = model_dir / "last.ckpt"
+    same_config = state.get("config_hash") == config_hash(cfg, family)
+    interrupted = same_config and not state.get("finished", True) and last.is_file()
+    if cfg.resume and not last.is_file():
+        raise GenzooError(f"resume=true but {last} does not exist")
+    if cfg.resume or interrupted:
+        return last, state.get("run_id")
+    return None, None
+
+
+def train(cfg) -> Path:
+    family = require_family(cfg)
+    cls = family_class(family)
+    model_dir = models_dir(cfg, family)
+    resume_ckpt, resume_run = _resume_point(cfg, family, model_dir)
+
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    dm = datamodule_for(cfg, cls)
+    model = cls(family_section(cfg, family), dm.info.to_dict())
+
+    logger = MLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
+                          run_id=resume_run, tags=None if resume_run else tracking.run_tags(cfg, family, dm.manifest),
+                          log_model=False)
+    callbacks = [ReseedEachEpoch(cfg.trainer.seed), FailOnNonFiniteLoss(),
+                 ModelCheckpoint(dirpath=model_dir, filename="last", save_top_k=0, save_last=True,
+                                 enable_version_counter=False)]
+    monitor = getattr(cls, "checkpoint_monitor", None)
+    features = feature_extractor(cfg, dm.info) if monitor else None
+    if features is not None:
+        callbacks.append(SampleFID(features, model_dir / "best.ckpt", every_n_epochs=cfg[family].get("fid_every_n_epochs", 5)))
+    trainer = build_trainer(cfg, cfg[family].max_epochs, model_dir, logger=logger, callbacks=callbacks,
+                            use_distributed_sampler=not cls.exact_sharding)
+
+    if trainer.is_global_zero:
+        if resume_ckpt is None:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        logger.log_hyperparams(flatten(cfg))
+        (model_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        tracking.write_run_file(model_dir, logger.run_id, logger.experiment_id, tracking.tracking_uri(cfg))
+        _write_state(model_dir, cfg, family, logger.run_id, finished=False)
+
+    fit_model = torch.compile(model) if cfg.trainer.compile else model
+    start = time.perf_counter()
+    with tracking.failing_marks_run(cfg, lambda: logger.run_id if trainer.is_global_zero else None):
+        trainer.fit(fit_model, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        if trainer.interrupted:
+            raise GenzooError("training was interrupted")
+        seconds = time.perf_counter() - start
+        final = model_dir / "model.ckpt"
+        trainer.save_checkpoint(final)
+        if trainer.is_global_zero:
+            best = model_dir / "best.ckpt"
+            if best.is_file():
+                shutil.copyfile(best, final)
+            cost = {"train_seconds": seconds, "parameters": float(sum(p.numel() for p in model.parameters())),
+                    "peak_memory_mb": peak_memory_mb()}
+            _log_outputs(logger, model_dir, cost)
+            _write_state(model_dir, cfg, family, logger.run_id, finished=True, cost=cost)
+    return model_dir
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory where training ran on CUDA, else the process's peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _log_outputs(logger: MLFlowLogger, model_dir: Path, cost: dict) -> None:
+    run_id, exp = logger.run_id, logger.experiment
+    for k, v in cost.items():
+        exp.log_metric(run_id, f"perf/{k}", v)
+    exp.log_artifact(run_id, str(model_dir / "config.yaml"))
+    exp.log_artifact(run_id, str(model_dir / "model.ckpt"), artifact_path="checkpoint")
+
+
+def _write_state(model_dir: Path, cfg, family: str, run_id: str, finished: bool, cost=None) -> None:
+    state = {"config_hash": config_hash(cfg, family), "run_id": run_id, "finished": finished, "cost": cost or {}}
+    (model_dir / STATE_FILE).write_text(json.dumps(state) + "\n")
