@@ -24,6 +24,8 @@ class ConvFeatures(nn.Module):
             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             nn.Linear(64, feature_dim),
+            # unit-scale features: KID's cubic kernel (x.y/d + 1)^3 assumes Inception-like magnitudes
+            nn.LayerNorm(feature_dim, elementwise_affine=False),
         )
 
     def forward(self, x: Tensor) -> Tensor:

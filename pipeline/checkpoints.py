@@ -55,6 +55,7 @@ def log_mlflow_model(model, example: torch.Tensor, name: str = "model") -> Optio
     with torch.no_grad():
         out = model(example).detach().cpu().numpy()
     signature = infer_signature(example.numpy(), out)
-    info = mlflow.pytorch.log_model(model, name=name, signature=signature,
+    # pickle, not MLflow 3's default pt2 export: sample() is not a traced forward graph
+    info = mlflow.pytorch.log_model(model, name=name, signature=signature, serialization_format="pickle",
                                     pip_requirements=["torch", "pytorch-lightning", "genzoo"])
     return info.model_uri

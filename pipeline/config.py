@@ -51,7 +51,7 @@ class TrainerConfig:
 
 @dataclass
 class FeatnetConfig:
-    max_epochs: int = 30
+    max_epochs: int = 60
     lr: float = 2e-3
     feature_dim: int = 64
     batch_size: int = 128

@@ -29,7 +29,7 @@ def metric_name(key: str) -> str:
 
 
 def family_report_path(family: str) -> Path:
-    return REPORTS / f"{family}.json"
+    return REPORTS / "families" / f"{family}.json"
 
 
 def evaluate(cfg) -> dict:
@@ -64,5 +64,6 @@ def evaluate(cfg) -> dict:
                 log_mlflow_model(model, samples[:4])
     result = {"family": family, "nll_kind": cls.log_prob_kind, "run_id": run["run_id"], "metrics": metrics,
               "curves": curves, "samples_png": str(grid)}
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
