@@ -1,0 +1,99 @@
+"""End to end: a real `dvc repro` in a temporary git clone, with a tiny config, fills a real sqlite
+MLflow store and writes the report; a second `dvc repro` does nothing."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "featnet": {"max_epochs": 2},
+    "eval": {"n_samples": 200, "kid_subset_size": 50, "kid_subsets": 5},
+    "gmm": {"max_epochs": 3},
+    "hmm": {"max_epochs": 2},
+    "rbm": {"max_epochs": 1, "ais_chains": 16, "ais_steps": 200, "sample_steps": 50},
+    "vae": {"max_epochs": 2, "iwae_k": 8},
+    "gan": {"max_epochs": 2},
+    "flow": {"max_epochs": 1},
+}
+
+
+def run(cmd, cwd, env):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the project's git repository")
+    project = tmp_path_factory.mktemp("e2e") / "genzoo"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run(["git", "clone", "-q", str(ROOT), str(project)], project.parent, env)
+    # the working tree's pipeline (not only HEAD's) is what this test checks
+    for name in ("pipeline", "lightning_modules", "dvc.yaml"):
+        src, dst = ROOT / name, project / name
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = run(["dvc", "repro"], project, env)
+    return project, env, params, first
+
+
+def test_repro_writes_metrics_for_every_family(repro):
+    project, _, params, _ = repro
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    for family in params["families"]:
+        assert family in metrics, f"no {family} row in metrics.json"
+        assert "fid" in metrics[family] and metrics[family]["fid"] > 0
+    for family in ("gmm", "hmm", "rbm", "vae", "flow"):
+        assert metrics[family]["nll"] > 0 and metrics[family]["bpd"] > 0
+    assert "nll" not in metrics["gan"], "a GAN has no likelihood: it must not report a number"
+    html = (project / "reports" / "index.html").read_text()
+    assert html.count("<tr") >= len(params["families"]) + 2  # header + families + real-data floor
+    assert "data:image/png;base64," in html
+
+
+def test_mlflow_store_holds_one_finished_run_per_family(repro):
+    project, _, params, _ = repro
+    db = sqlite3.connect(project / "mlflow.db")
+    rows = db.execute("""select t.value, r.status, r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid
+                         where t.key = 'genzoo.family'""").fetchall()
+    families = sorted(v for v, _, _ in rows)
+    assert families == sorted(params["families"])
+    for family, status, run_id in rows:
+        assert status == "FINISHED", family
+        keys = {k for (k,) in db.execute("select distinct key from metrics where run_uuid = ?", (run_id,))}
+        assert {"test/fid", "perf/train_seconds", "perf/samples_per_second", "val/loss"} <= keys, (family, keys)
+        tags = dict(db.execute("select key, value from tags where run_uuid = ?", (run_id,)).fetchall())
+        assert {"genzoo.dataset", "genzoo.git_commit", "genzoo.data_hash", "test/nll_kind", "mlflow.parentRunId"} <= set(tags)
+
+
+def test_second_repro_is_up_to_date(repro):
+    project, env, _, _ = repro
+    out = run(["dvc", "repro"], project, env)
+    assert "up to date" in out.lower()
+
+
+def test_compare_prints_every_family(repro):
+    project, env, params, _ = repro
+    out = run(["genzoo", "compare"], project, env)
+    for family in params["families"]:
+        assert family in out
