@@ -44,6 +44,14 @@ def covariance_shape(n_components: int, dim: int, covariance_type: str) -> Tuple
     }[covariance_type]
 
 
+def unit_covariances(n_components: int, dim: int, covariance_type: str) -> Tensor:
+    """Identity covariances in the layout of `covariance_type` (a neutral starting value)."""
+    shape = covariance_shape(n_components, dim, covariance_type)
+    if covariance_type in ("diag", "spherical"):
+        return torch.ones(shape)
+    return torch.eye(dim).expand(shape).clone()
+
+
 def n_covariance_parameters(n_components: int, dim: int, covariance_type: str) -> int:
     """Free parameters of the covariances (a symmetric D x D matrix has D (D + 1) / 2)."""
     check_covariance_type(covariance_type)
