@@ -1,0 +1,109 @@
+"""Batched forward-backward and Viterbi for HMMs over padded sequences, in log space.
+
+Shapes: `log_emit` (B, T, N) holds log p(x_t | z_t = n); `mask` (B, T) is True on real steps, which
+form a prefix of each row (padding at the end); `start` (N,) and `trans` (N, N) are probabilities.
+There is no Python loop over sequences, only over time steps.
+
+Log-space recursions (Rabiner 1989, eqs. 19-25, with alpha/beta kept as logs) use the "log-matmul-exp"
+form of the log-sum-exp over previous states:
+
+    logsumexp_i(a_i + log A_ij) = m + log(sum_i exp(a_i - m) A_ij),   m = max_i a_i,
+
+so each step is one (B, N) @ (N, N) matmul and never under- or overflows. At a padded step the
+forward message is carried unchanged and the backward message is log 1 = 0, so padding changes nothing.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Posteriors(NamedTuple):
+    loglik: Tensor  # (B,) log p(x_1..T_b) per sequence
+    gamma: Tensor  # (B, T, N) p(z_t = n | x), zero on padding
+    trans_counts: Tensor  # (N, N) sum over sequences and steps of p(z_t = i, z_{t+1} = j | x)
+
+
+def _max_shift(a: Tensor) -> Tensor:
+    """max over the last dim (keepdim), 0 where everything is -inf (avoids -inf - -inf = nan)."""
+    m = a.amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _first_emission(log_emit: Tensor, mask: Tensor) -> Tensor:
+    """log p(x_1 | z_1), or 0 for an empty sequence."""
+    return torch.where(mask[:, :1], log_emit[:, 0], torch.zeros_like(log_emit[:, 0]))
+
+
+def _log_matmul(a: Tensor, p: Tensor) -> Tensor:
+    """log(exp(a) @ p) for log-vectors a (B, N) and a probability matrix p (N, N)."""
+    m = _max_shift(a)
+    return m + torch.log((a - m).exp() @ p)
+
+
+def forward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tensor:
+    """log alpha_t(n) = log p(x_1..t, z_t = n), shape (B, T, N); carried unchanged over padding."""
+    B, T, N = log_emit.shape
+    log_alpha = log_emit.new_empty(B, T, N)
+    a = start.log() + _first_emission(log_emit, mask)
+    log_alpha[:, 0] = a
+    for t in range(1, T):
+        a = torch.where(mask[:, t, None], _log_matmul(a, trans) + log_emit[:, t], a)
+        log_alpha[:, t] = a
+    return log_alpha
+
+
+def loglik(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tensor:
+    """log p(x) per sequence (B,): the forward pass only."""
+    return torch.logsumexp(forward(start, trans, log_emit, mask)[:, -1], -1)
+
+
+def backward(trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tensor:
+    """log beta_t(n) = log p(x_t+1..T | z_t = n), shape (B, T, N); 0 at and after the last real step."""
+    B, T, N = log_emit.shape
+    log_beta = log_emit.new_zeros(B, T, N)
+    b = log_emit.new_zeros(B, N)
+    for t in range(T - 2, -1, -1):
+        b = torch.where(mask[:, t + 1, None], _log_matmul(log_emit[:, t + 1] + b, trans.T), torch.zeros_like(b))
+        log_beta[:, t] = b
+    return log_beta
+
+
+def forward_backward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Posteriors:
+    log_alpha = forward(start, trans, log_emit, mask)
+    log_beta = backward(trans, log_emit, mask)
+    ll = torch.logsumexp(log_alpha[:, -1], -1)
+    gamma = (log_alpha + log_beta - ll[:, None, None]).exp() * mask[..., None]
+
+    # xi_t(i, j) = alpha_t(i) A_ij b_j(x_t+1) beta_t+1(j) / p(x)  (Rabiner eq. 37), summed over b and t.
+    # Each factor is shifted by its max so it lies in [0, 1]; the shifts go into one per-step weight w.
+    u = log_alpha[:, :-1]
+    v = log_emit[:, 1:] + log_beta[:, 1:]
+    mu, mv = _max_shift(u), _max_shift(v)
+    w = ((mu + mv).squeeze(-1) - ll[:, None]).exp() * mask[:, 1:]
+    u = ((u - mu).exp() * w[..., None]).reshape(-1, u.shape[-1])
+    v = (v - mv).exp().reshape(-1, v.shape[-1])
+    trans_counts = trans * (u.T @ v)
+    return Posteriors(ll, gamma, trans_counts)
+
+
+def viterbi(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor):
+    """Most probable state path (B, T) (-1 on padding) and its joint log-probability (B,) (Rabiner eq. 30-35)."""
+    B, T, N = log_emit.shape
+    log_trans = trans.log()
+    stay = torch.arange(N, device=log_emit.device).expand(B, N)
+    pointers = torch.empty(B, T, N, dtype=torch.long, device=log_emit.device)
+    d = start.log() + _first_emission(log_emit, mask)
+    for t in range(1, T):
+        best, arg = (d[:, :, None] + log_trans).max(1)
+        d = torch.where(mask[:, t, None], best + log_emit[:, t], d)
+        pointers[:, t] = torch.where(mask[:, t, None], arg, stay)  # padding: follow the state unchanged
+    score, state = d.max(-1)
+    path = torch.empty(B, T, dtype=torch.long, device=log_emit.device)
+    path[:, -1] = state
+    for t in range(T - 1, 0, -1):
+        state = pointers[:, t].gather(1, state[:, None]).squeeze(1)
+        path[:, t - 1] = state
+    return torch.where(mask, path, torch.full_like(path, -1)), score

@@ -1,0 +1,269 @@
+"""HMM family: Baum-Welch, forward and Viterbi against hmmlearn and brute-force enumeration; recovery of a
+known generating HMM; DDP equals one process; checkpoint round trip; data views; sampling; classifier."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from hmmlearn import hmm as hmmlearn
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+from lightning_modules.em_loop import fit_em
+from lightning_modules.hmm import HMM, to_sequences
+
+N_STATES, DIM, VOCAB = 3, 2, 5
+LENGTHS = [7, 12, 3, 12, 9, 1, 10]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is much faster than OpenMP on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --- references ---------------------------------------------------------------------------------------
+def random_reference(kind: str, seed: int = 0):
+    """An hmmlearn HMM with random parameters (init_params="" so fit starts from exactly these)."""
+    rng = np.random.default_rng(seed)
+    if kind == "categorical":
+        ref = hmmlearn.CategoricalHMM(N_STATES, n_features=VOCAB, init_params="", n_iter=10, tol=-np.inf,
+                                      emissionprob_prior=1.5)  # = our pseudocount 0.5
+        ref.emissionprob_ = rng.dirichlet(np.ones(VOCAB), N_STATES)
+    else:
+        ref = hmmlearn.GaussianHMM(N_STATES, covariance_type=kind, init_params="", n_iter=10, tol=-np.inf,
+                                   covars_prior=0.0)  # no prior: plain maximum likelihood, our reg_covar=0
+        ref.n_features = DIM
+        ref.means_ = rng.normal(scale=2.0, size=(N_STATES, DIM))
+        a = rng.normal(size=(N_STATES, DIM, DIM))
+        full = a @ a.transpose(0, 2, 1) + 0.3 * np.eye(DIM)
+        ref.covars_ = full if kind == "full" else np.diagonal(full, axis1=1, axis2=2).copy()
+    ref.startprob_ = rng.dirichlet(np.ones(N_STATES))
+    ref.transmat_ = rng.dirichlet(np.ones(N_STATES), N_STATES)
+    return ref
+
+
+def padded(X: np.ndarray, lengths, fill):
+    """hmmlearn's concatenated (sum T, ...) layout -> our padded (B, max T, ...) batch."""
+    out = np.full((len(lengths), max(lengths), *X.shape[1:]), fill, dtype=X.dtype)
+    for i, (s, n) in enumerate(zip(np.cumsum([0] + lengths[:-1]), lengths)):
+        out[i, :n] = X[s : s + n]
+    return torch.from_numpy(out)
+
+
+def ours_from(ref, kind: str) -> HMM:
+    """Our HMM with the reference's parameters, on the matching data kind."""
+    if kind == "categorical":
+        info = {"shape": (max(LENGTHS),), "kind": "sequence", "vocab_size": VOCAB}
+        model = HMM({"n_states": N_STATES, "pseudocount": 0.5}, info)
+        model.emission.probs.copy_(torch.from_numpy(ref.emissionprob_))
+    else:
+        info = {"shape": (max(LENGTHS), DIM), "kind": "sequence"}
+        model = HMM({"n_states": N_STATES, "covariance_type": kind, "reg_covar": 0.0}, info)
+        covars = ref.covars_ if kind == "full" else np.diagonal(ref.covars_, axis1=1, axis2=2)
+        model.emission.set_parameters(torch.from_numpy(ref.means_), torch.from_numpy(covars.copy()))
+    model.set_parameters(torch.from_numpy(ref.startprob_), torch.from_numpy(ref.transmat_))
+    model.initialized.fill_(True)
+    return model
+
+
+def data_for(ref, kind: str):
+    X, _ = ref.sample(sum(LENGTHS), random_state=1)
+    if kind == "categorical":
+        X = X.astype(np.int64)
+        return X, padded(X[:, 0], LENGTHS, -1)
+    return X, padded(X, LENGTHS, np.nan)
+
+
+KINDS = ["diag", "full", "categorical"]
+
+
+# --- Baum-Welch, forward, Viterbi, posteriors vs hmmlearn -----------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_baum_welch_trajectory_matches_hmmlearn(kind):
+    ref = random_reference(kind)
+    model = ours_from(ref, kind)
+    X, x = data_for(ref, kind)
+    ours = np.array(fit_em(model, x, max_iter=10)) * len(LENGTHS)  # mean per sequence -> total
+    ref.fit(X, LENGTHS)
+    theirs = np.array(ref.monitor_.history)
+    assert len(theirs) == 10 and theirs[-1] > theirs[0] + 1.0  # EM really moved
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    np.testing.assert_allclose(model.transmat.numpy(), ref.transmat_, atol=1e-6)
+    np.testing.assert_allclose(model.log_prob(x).sum().item(), ref.score(X, LENGTHS), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_viterbi_matches_hmmlearn_decode(kind):
+    ref = random_reference(kind, seed=2)
+    X, x = data_for(ref, kind)
+    model = ours_from(ref, kind)
+    best_logprob, path = ref.decode(X, LENGTHS, algorithm="viterbi")
+    ours = model.viterbi(x)
+    seq, mask = to_sequences(x, model.info)
+    assert (ours[~mask] == -1).all()
+    np.testing.assert_array_equal(ours[mask].numpy(), path)
+    # and the path's joint log-probability, recomputed from the parameters, is hmmlearn's maximum
+    log_emit = model._log_emit(seq)
+    states = ours.clamp_min(0)
+    joint = (model.startprob.log()[states[:, 0]] + log_emit.gather(2, states[..., None])[..., 0][:, 0]
+             + ((model.transmat.log()[states[:, :-1], states[:, 1:]] + log_emit.gather(2, states[..., None])[..., 0][:, 1:])
+                * mask[:, 1:]).sum(1))
+    np.testing.assert_allclose(joint.sum().item(), best_logprob, rtol=1e-10)
+
+
+def test_encode_is_mean_posterior_of_hmmlearn():
+    ref = random_reference("full", seed=3)
+    X, x = data_for(ref, "full")
+    gamma = ref.predict_proba(X, LENGTHS)
+    expected = np.stack([gamma[s : s + n].mean(0) for s, n in zip(np.cumsum([0] + LENGTHS[:-1]), LENGTHS)])
+    np.testing.assert_allclose(ours_from(ref, "full").encode(x).numpy(), expected, atol=1e-6)
+
+
+# --- log_prob vs brute force --------------------------------------------------------------------------
+def test_log_prob_equals_enumeration_over_state_paths():
+    """p(x) = sum over all N^T state paths of p(z) p(x | z), with scipy's Gaussian densities."""
+    ref = random_reference("full", seed=4)
+    lengths = [4, 2]
+    X, _ = ref.sample(sum(lengths), random_state=5)
+    x = padded(X, lengths, np.nan)
+    model = ours_from(ref, "full")
+    for seq, n in zip(x.numpy(), lengths):
+        dens = np.array([multivariate_normal(ref.means_[k], ref.covars_[k]).logpdf(seq[:n]) for k in range(N_STATES)])
+        paths = [np.log(ref.startprob_[z[0]]) + dens[z[0], 0]
+                 + sum(np.log(ref.transmat_[z[t - 1], z[t]]) + dens[z[t], t] for t in range(1, n))
+                 for z in itertools.product(range(N_STATES), repeat=n)]
+        np.testing.assert_allclose(model.log_prob(torch.from_numpy(seq[None])).item(), logsumexp(paths), rtol=1e-12)
+
+
+# --- sampling ------------------------------------------------------------------------------------------
+def test_sample_marginals_match_closed_form():
+    """x_t's marginal mean is (pi A^t) mu (Gaussian) and its distribution (pi A^t) B (categorical)."""
+    torch.manual_seed(0)
+    n = 20000
+    for kind in ("full", "categorical"):
+        ref = random_reference(kind, seed=6)
+        model = ours_from(ref, kind)
+        s = model.sample(n)
+        state_marginals = np.stack([ref.startprob_ @ np.linalg.matrix_power(ref.transmat_, t) for t in range(3)])
+        if kind == "categorical":
+            assert s.shape == (n, max(LENGTHS)) and s.dtype == torch.int64
+            freq = np.stack([np.bincount(s[:, t].numpy(), minlength=VOCAB) / n for t in range(3)])
+            np.testing.assert_allclose(freq, state_marginals @ ref.emissionprob_, atol=0.015)
+        else:
+            assert s.shape == (n, max(LENGTHS), DIM)
+            np.testing.assert_allclose(s[:, :3].mean(0).numpy(), state_marginals @ ref.means_, atol=0.06)
+
+
+def test_image_view_is_rows_and_samples_are_images():
+    info = {"shape": (3, 4, 5), "kind": "image", "levels": 256}
+    model = HMM({"n_states": 2, "covariance_type": "diag"}, info)
+    x = torch.rand(6, 3, 4, 5)
+    seq, mask = to_sequences(x, model.info)
+    assert seq.shape == (6, 4, 15) and mask.all()
+    np.testing.assert_array_equal(seq[2, 1].numpy(), x[2, :, 1, :].reshape(-1).numpy())  # row 1, channels then columns
+    model.emission.set_parameters(torch.tensor([[0.2] * 15, [0.8] * 15]), torch.full((2, 15), 0.01))
+    s = model.sample(50)
+    assert s.shape == (50, 3, 4, 5) and s.min() >= 0 and s.max() <= 1
+
+
+def test_token_count_counts_unpadded_tokens():
+    ref = random_reference("categorical")
+    _, x = data_for(ref, "categorical")
+    np.testing.assert_array_equal(ours_from(ref, "categorical").token_count(x).numpy(), LENGTHS)
+
+
+# --- recovery of a known model -------------------------------------------------------------------------
+def test_recovers_the_true_model_on_hmm_synthetic():
+    from pipeline.config import DataConfig
+    from pipeline.datasets import load_source
+    from pipeline.hmm_synthetic import N_STATES as TRUE_STATES, random_hmm
+
+    dcfg = DataConfig(dataset="hmm_synthetic", seed=0)
+    p = load_source(dcfg)
+    # the recorded reference, checked independently with hmmlearn and the generating parameters
+    truth = random_hmm(np.random.default_rng(dcfg.seed))
+    true_hmm = hmmlearn.GaussianHMM(TRUE_STATES, covariance_type="full")
+    true_hmm.startprob_, true_hmm.transmat_ = truth["startprob"], truth["transmat"]
+    true_hmm.means_, true_hmm.covars_ = truth["means"], truth["covars"]
+    xte = p.splits["test"][0].astype(np.float64)
+    ref_ll = true_hmm.score(xte.reshape(-1, xte.shape[-1]), [xte.shape[1]] * len(xte)) / len(xte)
+    np.testing.assert_allclose(p.extra["true_test_loglik"], ref_ll, rtol=1e-9)
+
+    model = HMM({"n_states": TRUE_STATES, "covariance_type": "full"}, p.info.to_dict())
+    fit_em(model, torch.from_numpy(p.splits["train"][0][:400]), max_iter=40, tol=1e-4)
+    ours = model.log_prob(torch.from_numpy(p.splits["test"][0])).mean().item()
+    assert abs(ours - ref_ll) < 0.01 * abs(ref_ll), (ours, ref_ll)
+
+
+# --- Lightning: one process vs two, checkpoint ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def synthetic_folder(tmp_path_factory):
+    from pipeline.config import DataConfig
+    from pipeline.datasets import load_source
+    from pipeline.store import write_prepared
+
+    folder = tmp_path_factory.mktemp("hmm_synthetic") / "prepared"
+    write_prepared(load_source(DataConfig(dataset="hmm_synthetic")), folder, "hmm_synthetic", 0)
+    return folder
+
+
+def fit_lightning(folder, root, **trainer_kwargs) -> HMM:
+    from pipeline.datamodule import PreparedDataModule
+
+    dm = PreparedDataModule(folder, batch_size=200, exact_sharding=True, fixed_train_noise=True)
+    model = HMM({"n_states": 4, "max_epochs": 3, "tol": 0.0}, dm.info.to_dict())
+    trainer = pl.Trainer(max_epochs=3, default_root_dir=root, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=1, use_distributed_sampler=False, **trainer_kwargs)
+    trainer.fit(model, datamodule=dm)
+    return model, trainer
+
+
+def test_statistics_summed_over_shards_give_the_full_batch_em_step():
+    """What DDP does in `EMModel.on_train_epoch_end`, without processes: E-steps on disjoint shards
+    (rank r takes examples r, r+2, ...), statistics summed, one M-step == one EM step on everything."""
+    ref = random_reference("full", seed=7)
+    _, x = data_for(ref, "full")
+    whole, sharded = ours_from(ref, "full"), ours_from(ref, "full")
+    whole.m_step(whole.e_step(x))
+    shards = [sharded.e_step(x[r::2]) for r in range(2)]
+    sharded.m_step({k: shards[0][k] + shards[1][k] for k in shards[0]})
+    for name, value in whole.state_dict().items():
+        if value.is_floating_point() and value.numel():
+            np.testing.assert_allclose(sharded.state_dict()[name].numpy(), value.numpy(), rtol=1e-12, err_msg=name)
+
+
+@pytest.mark.slow  # ~90 s on the shared 2-core machine: spawning two Python processes dominates
+def test_ddp_two_processes_equal_one(synthetic_folder, tmp_path):
+    one, _ = fit_lightning(synthetic_folder, tmp_path, accelerator="cpu", devices=1)
+    two, _ = fit_lightning(synthetic_folder, tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn")
+    assert bool(one.initialized) and bool(two.initialized)
+    for name, value in one.state_dict().items():
+        if value.is_floating_point() and value.numel():
+            np.testing.assert_allclose(two.state_dict()[name].numpy(), value.numpy(), atol=1e-5, err_msg=name)
+
+
+def test_checkpoint_round_trip_weights_only(synthetic_folder, tmp_path):
+    model, trainer = fit_lightning(synthetic_folder, tmp_path, accelerator="cpu", devices=1)
+    path = tmp_path / "hmm.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = HMM.load_from_checkpoint(path, weights_only=True)
+    x = torch.from_numpy(np.load(synthetic_folder / "test_x.npy")[:20])
+    assert loaded.cfg == model.cfg and loaded.emission.covariance_type == "full"
+    np.testing.assert_array_equal(loaded.log_prob(x).numpy(), model.log_prob(x).numpy())
+    np.testing.assert_array_equal(loaded.viterbi(x).numpy(), model.viterbi(x).numpy())
+
+
+# --- generative classification ------------------------------------------------------------------------
+def test_one_hmm_per_class_classifies_digits_rows():
+    from lightning_modules.hmm_classifier import digits_rows_accuracy
+
+    acc = digits_rows_accuracy({"n_states": 8, "covariance_type": "full", "reg_covar": 1e-2, "max_epochs": 30})
+    assert acc > 0.9, acc
