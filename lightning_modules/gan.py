@@ -1,0 +1,147 @@
+"""The GAN family: a generator / discriminator pair trained adversarially with manual optimisation.
+
+- Losses: non-saturating (Goodfellow et al. 2014) or hinge (Lim & Ye 2017), see `gan_losses`.
+- Two time-scale update rule (Heusel et al. 2017): G and D have their own Adam learning rates and betas,
+  and D takes `n_critic` steps per G step (each D step on a fresh real batch, as in WGAN-GP).
+- Optional spectral norm on D (Miyato et al. 2018) and an exponential moving average of G's weights used
+  for sampling (Karras et al. 2018; Yazici et al. 2019, "The unusual effectiveness of averaging in GAN
+  training"); `ema_decay: 0` disables it.
+
+A GAN has no likelihood (`log_prob_kind = None`); `encode` gives D's penultimate features and the anomaly
+score is -D(x). The best checkpoint is chosen by `val/fid`, which the pipeline's FID callback logs.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.contract import GenerativeModel
+from lightning_modules.gan_losses import gan_loss
+from lightning_modules.gan_nets import build_pair
+
+
+@torch.no_grad()
+def ema_update_(average: nn.Module, current: nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * current, parameter by parameter; buffers (BatchNorm
+    running statistics) are copied, so the averaged generator normalises like the current one."""
+    for a, c in zip(average.parameters(), current.parameters()):
+        a.lerp_(c, 1.0 - decay)
+    for a, c in zip(average.buffers(), current.buffers()):
+        a.copy_(c)
+
+
+@contextmanager
+def evaluating(module: nn.Module):
+    """Eval mode inside the block, the previous mode restored after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class GAN(GenerativeModel):
+    family = "gan"
+    log_prob_kind = None
+    checkpoint_monitor = ("val/fid", "min")
+
+    @dataclass
+    class Config:
+        max_epochs: int = 60
+        seed: int = 0
+        loss: str = "hinge"  # hinge | nonsaturating
+        latent_dim: int = 32
+        width: int = 32  # images: channels at full resolution (doubling per halving); vectors: hidden units
+        mlp_layers: int = 3  # vectors only: hidden layers of the MLP pair
+        spectral_norm: bool = True  # on every layer of D
+        lr_g: float = 1e-4
+        lr_d: float = 4e-4
+        beta1_g: float = 0.5
+        beta2_g: float = 0.999
+        beta1_d: float = 0.5
+        beta2_d: float = 0.999
+        n_critic: int = 1  # D steps per G step
+        ema_decay: float = 0.99  # 0: sample from G itself; ~1/(1-decay) G steps averaged
+
+    def __init__(self, cfg: dict, info: dict):
+        super().__init__(cfg, info)
+        self.automatic_optimization = False
+        self.hp = self.Config(**{**asdict(self.Config()), **cfg})
+        if self.hp.n_critic < 1 or not 0.0 <= self.hp.ema_decay < 1.0:
+            raise ValueError("gan.n_critic must be >= 1 and gan.ema_decay in [0, 1)")
+        self.loss = gan_loss(self.hp.loss)
+        with torch.random.fork_rng():  # initial weights depend on cfg.seed only
+            torch.manual_seed(self.hp.seed)
+            self.generator, self.discriminator = build_pair(
+                self.info, self.hp.latent_dim, self.hp.width, self.hp.mlp_layers, self.hp.spectral_norm)
+        # Not a parameter of any optimiser: frozen, so DDP does not expect gradients for it.
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if self.hp.ema_decay > 0 else None
+        self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))  # survives checkpoints
+
+    # --- the contract -------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        generator = self.generator_ema if self.generator_ema is not None else self.generator
+        with evaluating(generator):
+            return generator(self.noise(n))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.discriminator.features(x)
+
+    def anomaly_score(self, x: Tensor) -> Tensor:
+        return -self.discriminator(x)
+
+    # --- training -------------------------------------------------------------------------------
+    def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn(n, self.hp.latent_dim, generator=generator).to(self.device)
+
+    def configure_optimizers(self):
+        adam = lambda params, lr, b1, b2: torch.optim.Adam(params, lr=lr, betas=(b1, b2))  # noqa: E731
+        hp = self.hp
+        return [adam(self.generator.parameters(), hp.lr_g, hp.beta1_g, hp.beta2_g),
+                adam(self.discriminator.parameters(), hp.lr_d, hp.beta1_d, hp.beta2_d)]
+
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
+        # D has no BatchNorm, so one forward pass over both halves equals two separate ones
+        logits = self.discriminator(torch.cat([real, fake]))
+        return self.loss.discriminator(logits[: len(real)], logits[len(real):])
+
+    def _optimizer_step(self, optimizer, loss: Tensor) -> Tensor:
+        """One step of `optimizer` on `loss`. Its zero_grad also drops the gradients the other player's last
+        step left on these parameters.
+
+        Both players' losses are backpropagated through both networks (D's fakes are not detached), so every
+        parameter gets a gradient in every backward pass and plain DDP (find_unused_parameters=False) works;
+        toggle_optimizer would freeze the other network and leave DDP waiting for its gradients."""
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss.detach()
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        opt_g, opt_d = self.optimizers()
+        log = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=len(x))
+
+        loss_d = self._optimizer_step(opt_d, self.discriminator_loss(x, self.generator(self.noise(len(x)))))
+        self.d_steps += 1
+        # train/loss is D's loss, the same quantity as val/loss: their gap shows D overfitting
+        self.log("train/loss_d", loss_d, **log)
+        self.log("train/loss", loss_d, **log)
+
+        if int(self.d_steps) % self.hp.n_critic == 0:
+            loss_g = self._optimizer_step(opt_g, self.loss.generator(self.discriminator(self.generator(self.noise(len(x))))))
+            self.log("train/loss_g", loss_g, **log)
+            if self.generator_ema is not None:
+                ema_update_(self.generator_ema, self.generator, self.hp.ema_decay)
+
+    def validation_step(self, batch, batch_idx):
+        x = batch[0]
+        g = torch.Generator().manual_seed(self.hp.seed + batch_idx)  # the same fakes every validation
+        loss = self.discriminator_loss(x, self.generator(self.noise(len(x), g)))
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(x))

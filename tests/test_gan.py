@@ -1,0 +1,275 @@
+"""The GAN family: losses, nets, spectral norm, TTUR/n_critic schedule, EMA of G, checkpoints, DDP, and
+that training on 8 Gaussians covers the modes."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_modules.contract import DataInfo
+from lightning_modules.gan import GAN, ema_update_
+from lightning_modules.gan_losses import gan_loss
+from lightning_modules.gan_nets import SpectralNorm, build_pair, num_stages
+from lightning_modules.registry import family_class
+from pipeline.toy2d import EIGHT_GAUSSIANS_RADIUS, EIGHT_GAUSSIANS_STD, eight_gaussians
+
+VECTOR = {"shape": [2], "kind": "vector"}
+DIGITS = {"shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}
+TINY = {"width": 8, "latent_dim": 2, "mlp_layers": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small nets run fastest single-threaded on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_trainer(tmp_path, **kw) -> pl.Trainer:
+    kw = {"accelerator": "cpu", "devices": 1, **kw}
+    return pl.Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+def loader(x: torch.Tensor, batch_size: int, shuffle: bool = False) -> DataLoader:
+    return DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=batch_size, shuffle=shuffle)
+
+
+# --- losses ---------------------------------------------------------------------------------------
+def sigmoid(t):
+    return 1.0 / (1.0 + np.exp(-t))
+
+
+@pytest.mark.parametrize("name", ["nonsaturating", "hinge"])
+def test_losses_equal_their_closed_forms(name):
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(0.5, 2.0, size=50), rng.normal(-0.5, 2.0, size=70)
+    if name == "nonsaturating":  # Goodfellow et al. 2014: log-loss of D; G maximises log D(G(z))
+        want_d = -np.mean(np.log(sigmoid(real))) - np.mean(np.log(1.0 - sigmoid(fake)))
+        want_g = -np.mean(np.log(sigmoid(fake)))
+    else:  # Lim & Ye 2017
+        want_d = np.mean(np.maximum(0.0, 1.0 - real)) + np.mean(np.maximum(0.0, 1.0 + fake))
+        want_g = -np.mean(fake)
+    loss = gan_loss(name)
+    r, f = torch.tensor(real), torch.tensor(fake)
+    assert loss.discriminator(r, f).item() == pytest.approx(want_d, rel=1e-10)
+    assert loss.generator(f).item() == pytest.approx(want_g, rel=1e-10)
+
+
+def test_losses_at_zero_logits():
+    zero = torch.zeros(4)
+    assert gan_loss("nonsaturating").discriminator(zero, zero).item() == pytest.approx(2 * math.log(2))
+    assert gan_loss("hinge").discriminator(zero, zero).item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="unknown GAN loss"):
+        gan_loss("wasserstein")
+
+
+# --- nets -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, stages", [((1, 8, 8), 1), ((1, 28, 28), 2), ((3, 32, 32), 3)])
+def test_dcgan_pair_shapes(shape, stages):
+    c, h, w = shape
+    assert num_stages(h, w) == stages  # 8 -> 4; 28 -> 14 -> 7; 32 -> 16 -> 8 -> 4
+    g, d = build_pair(DataInfo(shape, "image", levels=256), latent_dim=6, width=4, mlp_layers=1, spectral=True)
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in g.modules()) == stages
+    x = g(torch.randn(3, 6))
+    assert x.shape == (3, *shape)
+    assert x.min() >= 0 and x.max() <= 1
+    assert d(x).shape == (3,)
+    seed_h, seed_w = h // 2**stages, w // 2**stages
+    assert d.features(x).shape == (3, 4 * 2**stages * seed_h * seed_w)
+
+
+@pytest.mark.parametrize("info, bounded", [(DataInfo((2,), "vector"), False),
+                                           (DataInfo((8, 8), "sequence", levels=17), True)])
+def test_mlp_pair_for_other_continuous_data(info, bounded):
+    g, d = build_pair(info, latent_dim=3, width=16, mlp_layers=2, spectral=False)
+    x = g(torch.randn(200, 3))
+    assert x.shape == (200, *info.shape)
+    assert d(x).shape == (200,) and d.features(x).shape == (200, 16)
+    assert bool(((x >= 0) & (x <= 1)).all()) == bounded
+    with pytest.raises(ValueError, match="continuous"):
+        build_pair(DataInfo((64,), "sequence", vocab_size=10), 3, 16, 2, False)
+
+
+def test_spectral_norm_gives_unit_largest_singular_value():
+    info = DataInfo((1, 28, 28), "image", levels=256)
+    _, d = build_pair(info, latent_dim=4, width=4, mlp_layers=1, spectral=True)
+    x = torch.rand(4, 1, 28, 28)
+    for _ in range(5):  # training forwards run the power iteration
+        d(x)
+    d.eval()
+    layers = [m for m in d.modules() if isinstance(m, SpectralNorm)]
+    assert len(layers) == 4  # 3x3 conv, two strided convs, linear head
+    for m in layers:
+        assert torch.linalg.svdvals(m.weight.flatten(1))[0].item() == pytest.approx(1.0, abs=1e-2)
+        assert torch.linalg.matrix_norm(m.layer.weight.flatten(1), ord=2).item() != pytest.approx(1.0, abs=0.1)
+    # the map the head applies (its Jacobian) is itself of spectral norm 1
+    jac = torch.autograd.functional.jacobian(d.head, torch.zeros(d.head.layer.in_features))
+    assert torch.linalg.matrix_norm(jac.reshape(1, -1), ord=2).item() == pytest.approx(1.0, abs=1e-2)
+
+    _, plain = build_pair(info, latent_dim=4, width=4, mlp_layers=1, spectral=False)
+    assert not any(isinstance(m, SpectralNorm) for m in plain.modules())
+
+
+# --- training schedule ----------------------------------------------------------------------------
+class RecordSteps(pl.Callback):
+    """Names each optimizer.step as it happens, through torch's own step hooks."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_start(self, trainer, pl_module):
+        for name, opt in zip("GD", trainer.optimizers):
+            opt.register_step_post_hook(lambda *_, name=name: self.steps.append(name))
+
+
+@pytest.mark.parametrize("n_critic", [1, 3])
+def test_n_critic_discriminator_steps_per_generator_step(tmp_path, n_critic):
+    model = GAN({**TINY, "n_critic": n_critic, "ema_decay": 0.0}, VECTOR)
+    rec = RecordSteps()
+    make_trainer(tmp_path, max_epochs=2, callbacks=[rec]).fit(model, loader(torch.randn(40, 2), 8))  # 2 x 5 batches
+    expected = []
+    for d_step in range(1, 11):
+        expected += ["D"] + (["G"] if d_step % n_critic == 0 else [])
+    assert rec.steps == expected
+    opt_g, opt_d = model.trainer.optimizers  # Adam's own step counters agree
+    assert int(next(iter(opt_d.state.values()))["step"]) == 10
+    assert int(next(iter(opt_g.state.values()))["step"]) == 10 // n_critic
+
+
+def test_ttur_optimisers_have_their_own_rates_and_betas():
+    model = GAN({**TINY, "lr_g": 1e-4, "lr_d": 4e-4, "beta1_g": 0.0, "beta2_g": 0.9, "beta1_d": 0.5, "beta2_d": 0.99}, VECTOR)
+    opt_g, opt_d = model.configure_optimizers()
+    assert (opt_g.defaults["lr"], opt_g.defaults["betas"]) == (1e-4, (0.0, 0.9))
+    assert (opt_d.defaults["lr"], opt_d.defaults["betas"]) == (4e-4, (0.5, 0.99))
+    assert {id(p) for p in opt_g.param_groups[0]["params"]} == {id(p) for p in model.generator.parameters()}
+    assert {id(p) for p in opt_d.param_groups[0]["params"]} == {id(p) for p in model.discriminator.parameters()}
+
+
+# --- EMA of G -------------------------------------------------------------------------------------
+def closed_form_ema(history, decay):
+    """decay^T theta_0 + sum_{i=1..T} (1 - decay) decay^(T-i) theta_i, in float64."""
+    T = len(history) - 1
+    return decay**T * history[0] + sum((1 - decay) * decay ** (T - i) * history[i] for i in range(1, T + 1))
+
+
+def test_ema_update_is_the_exponential_average():
+    torch.manual_seed(0)
+    current = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    average = copy.deepcopy(current)
+    flat = lambda m: torch.cat([p.detach().double().flatten() for p in m.parameters()])  # noqa: E731
+    history = [flat(current)]
+    for _ in range(6):
+        with torch.no_grad():
+            for p in current.parameters():
+                p.add_(torch.randn_like(p))
+        current(torch.randn(5, 3))  # moves BatchNorm's running statistics
+        history.append(flat(current))
+        ema_update_(average, current, 0.7)
+    torch.testing.assert_close(flat(average), closed_form_ema(history, 0.7), rtol=1e-5, atol=1e-6)
+    assert torch.equal(average[1].running_mean, current[1].running_mean)
+
+
+class RecordGenerator(pl.Callback):
+    def __init__(self):
+        self.history = []
+
+    def _record(self, pl_module):
+        self.history.append(torch.cat([p.detach().double().flatten() for p in pl_module.generator.parameters()]))
+
+    def on_train_start(self, trainer, pl_module):
+        self._record(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self._record(pl_module)
+
+
+def test_ema_generator_follows_the_closed_form_and_is_sampled(tmp_path):
+    model = GAN({**TINY, "ema_decay": 0.9, "lr_g": 1e-2}, VECTOR)
+    rec = RecordGenerator()
+    make_trainer(tmp_path, max_epochs=1, callbacks=[rec]).fit(model, loader(torch.randn(48, 2), 8))
+    assert len(rec.history) == 7  # initial weights + 6 generator steps
+    ema = torch.cat([p.double().flatten() for p in model.generator_ema.parameters()])
+    torch.testing.assert_close(ema, closed_form_ema(rec.history, 0.9), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ema, rec.history[-1])
+
+    torch.manual_seed(5)
+    z = torch.randn(10, 2)
+    torch.manual_seed(5)
+    torch.testing.assert_close(model.sample(10), model.generator_ema(z))
+
+
+# --- the contract, checkpoints, DDP ---------------------------------------------------------------
+def test_contract_attributes_and_config():
+    assert family_class("gan") is GAN
+    assert GAN.log_prob_kind is None and not GAN.has_log_prob() and GAN.has_encoder()
+    assert GAN.checkpoint_monitor == ("val/fid", "min")
+    cfg = GAN.Config()
+    assert isinstance(cfg.max_epochs, int) and cfg.seed == 0
+    with pytest.raises(ValueError):
+        GAN({"n_critic": 0}, VECTOR)
+
+
+def test_checkpoint_round_trip_and_image_contract(tmp_path):
+    model = GAN({"width": 4, "latent_dim": 3, "loss": "nonsaturating"}, DIGITS)
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    images = torch.rand(32, 1, 8, 8)
+    trainer.fit(model, loader(images, 8), loader(images[:16], 8))
+    assert {"train/loss_d", "train/loss_g", "train/loss", "val/loss"} <= set(trainer.callback_metrics)
+    path = tmp_path / "gan.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = GAN.load_from_checkpoint(path, weights_only=True)
+    assert loaded.cfg == model.cfg and loaded.info == model.info
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    assert int(loaded.d_steps) == 4
+
+    torch.manual_seed(1)
+    s = loaded.sample(20)
+    torch.manual_seed(1)
+    torch.testing.assert_close(s, model.sample(20))
+    assert s.shape == (20, 1, 8, 8) and s.min() >= 0 and s.max() <= 1
+    assert loaded.encode(images).shape == (32, 4 * 2 * 4 * 4)
+    torch.testing.assert_close(loaded.anomaly_score(images), -loaded.discriminator(images))
+
+
+def test_ddp_spawn_two_processes(tmp_path):
+    model = GAN({**TINY, "n_critic": 2}, VECTOR)
+    before = [p.detach().clone() for p in model.generator.parameters()]
+    x = torch.randn(32, 2)
+    trainer = make_trainer(tmp_path, devices=2, strategy="ddp_spawn", max_epochs=1)
+    trainer.fit(model, loader(x, 4), loader(x[:8], 4))
+    assert trainer.state.finished
+    assert int(model.d_steps) == 4  # each rank sees 16 of the 32 examples: 4 batches of 4
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.generator.parameters()))
+    assert math.isfinite(float(trainer.callback_metrics["val/loss"]))
+
+
+# --- does it learn? -------------------------------------------------------------------------------
+def test_eight_gaussians_modes_are_covered(tmp_path):
+    torch.manual_seed(0)
+    x, _ = eight_gaussians(4096, np.random.default_rng(0))
+    # TTUR (D twice as fast) and two D steps per G step; no spectral norm: on 2-D toys it slows D down a lot
+    cfg = {"width": 64, "latent_dim": 4, "mlp_layers": 2, "loss": "nonsaturating", "spectral_norm": False,
+           "lr_g": 1e-3, "lr_d": 2e-3, "beta2_g": 0.9, "beta2_d": 0.9, "n_critic": 2, "ema_decay": 0.0}
+    model = GAN(cfg, VECTOR)
+    data = loader(torch.tensor(x, dtype=torch.float32), 512, shuffle=True)
+    make_trainer(tmp_path, max_epochs=100).fit(model, data)  # 800 D steps, 400 G steps
+
+    angles = np.arange(8) * 2 * np.pi / 8
+    centres = EIGHT_GAUSSIANS_RADIUS * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    s = model.sample(2000).numpy()
+    dist = np.linalg.norm(s[:, None, :] - centres[None], axis=-1)
+    near = dist.min(axis=1) < 3 * EIGHT_GAUSSIANS_STD
+    modes_hit = np.unique(dist.argmin(axis=1)[near])
+    assert len(modes_hit) >= 7, f"modes covered: {modes_hit}"
+    assert near.mean() > 0.6, f"only {near.mean():.2f} of samples near a mode"
