@@ -87,7 +87,7 @@ class GaussianUnits:
     """Gaussian visibles: E_vis(v; b) = sum_i (v_i - b_i)^2 / 2 sigma_i^2, p(v | h) = N(b + sigma * Wh, sigma^2)."""
 
     name = "gaussian"
-    default_lr, default_init_std = 0.01, 0.5
+    default_lr, default_init_std = 0.003, 0.5
     min_scale = 1e-3  # a constant input dimension would have an infinite density
 
     @staticmethod
@@ -252,7 +252,7 @@ class RBM(GenerativeModel):
         cd_k: int = 1  # Gibbs sweeps per negative phase
         persistent: bool = False  # PCD (Tieleman 2008) instead of CD-k from the data (Hinton 2002)
         n_chains: int = 128  # persistent chains
-        lr: Optional[float] = None  # None: 0.05 (Bernoulli) or 0.01 (Gaussian: Hinton 2010 guide sec. 13.2)
+        lr: Optional[float] = None  # None: 0.05 (Bernoulli) or 0.003 (Gaussian: Hinton 2010 guide sec. 13.2)
         momentum: float = 0.9
         weight_decay: float = 1e-4  # L2 on the weights only (Hinton 2010 guide sec. 10)
         # None: 0.01 (Bernoulli, Hinton 2010 guide sec. 8) or 0.5 (Gaussian: on standardised data, small weights
