@@ -27,9 +27,8 @@ class Posteriors(NamedTuple):
 
 
 def _max_shift(a: Tensor) -> Tensor:
-    """max over the last dim (keepdim), 0 where everything is -inf (avoids -inf - -inf = nan)."""
-    m = a.amax(-1, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    """max over the last dim (keepdim), made finite where everything is -inf (avoids -inf - -inf = nan)."""
+    return a.amax(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).min)
 
 
 def _first_emission(log_emit: Tensor, mask: Tensor) -> Tensor:

@@ -240,7 +240,6 @@ def test_statistics_summed_over_shards_give_the_full_batch_em_step():
             np.testing.assert_allclose(sharded.state_dict()[name].numpy(), value.numpy(), rtol=1e-12, err_msg=name)
 
 
-@pytest.mark.slow  # ~90 s on the shared 2-core machine: spawning two Python processes dominates
 def test_ddp_two_processes_equal_one(synthetic_folder, tmp_path):
     one, _ = fit_lightning(synthetic_folder, tmp_path, accelerator="cpu", devices=1)
     two, _ = fit_lightning(synthetic_folder, tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn")
