@@ -67,14 +67,15 @@ def gaussian_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor, covariance_ty
     """log N(x_n | mu_k, Sigma_k) for x (N, D), means (K, D): returns (N, K)."""
     n_components, dim = means.shape
     if covariance_type == "full":
-        # all K products x @ prec_chol_k in one matrix product: (N, D) @ (D, K*D)
-        y = (x @ prec_chol.permute(1, 0, 2).reshape(dim, n_components * dim)).view(len(x), n_components, dim)
-        y = y - torch.einsum("kd,kde->ke", means, prec_chol)
-        maha = y.square().sum(-1)
+        # y_nk = (x_n - mu_k)^T P_k for all k in one matrix product: [x_n, 1] @ [P_k; -mu_k^T P_k], (N, D+1) @ (D+1, K*D)
+        w = torch.cat([prec_chol, -(means.unsqueeze(1) @ prec_chol)], 1).permute(1, 0, 2).reshape(dim + 1, n_components * dim)
+        y = (torch.cat([x, x.new_ones(len(x), 1)], 1) @ w).view(len(x), n_components, dim)
+        maha = torch.einsum("nkd,nkd->nk", y, y)
         log_det = torch.diagonal(prec_chol, dim1=-2, dim2=-1).log().sum(-1)
     elif covariance_type == "tied":
-        y = (x @ prec_chol).unsqueeze(1) - (means @ prec_chol).unsqueeze(0)
-        maha = y.square().sum(-1)
+        # ||x P - mu_k P||^2 expanded, so that no (N, K, D) temporary is needed
+        xp, mp = x @ prec_chol, means @ prec_chol
+        maha = xp.square().sum(-1, keepdim=True) - 2 * (xp @ mp.T) + mp.square().sum(-1)
         log_det = torch.diagonal(prec_chol).log().sum()
     elif covariance_type == "diag":
         # ||(x - mu) * p||^2 = x^2 . p^2 - 2 x . (mu p^2) + mu^2 . p^2
@@ -135,7 +136,10 @@ def sufficient_statistics(x: Tensor, resp: Tensor, covariance_type: str) -> Dict
     check_covariance_type(covariance_type)
     stats = {"nk": resp.sum(0), "sx": resp.T @ x}
     if covariance_type == "full":
-        stats["sxx"] = torch.einsum("nk,nd,ne->kde", resp, x, x)
+        # sum_n r_nk x_n x_n^T for all k as one (D, N) @ (N, K*D) product
+        n, dim = x.shape
+        weighted = (resp.unsqueeze(2) * x.unsqueeze(1)).view(n, -1)
+        stats["sxx"] = (x.T @ weighted).view(dim, -1, dim).transpose(0, 1).contiguous()
     elif covariance_type == "tied":
         stats["sxx"] = (x * resp.sum(1, keepdim=True)).T @ x
     else:
