@@ -5,6 +5,7 @@ known; the data module dequantises them. Vectors are float32, token sequences in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -63,6 +64,21 @@ TORCHVISION = {
 }
 
 
+def check_idx(path: Path, dataset: str) -> None:
+    """An IDX file (MNIST's format) must be exactly its header plus prod(dims) bytes of ubyte data."""
+    if not path.is_file():
+        return  # torchvision downloads it, or says it is missing
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size, nd = path.stat().st_size, head[3] if len(head) >= 4 else 0
+    if head[:3] != b"\x00\x00\x08" or not 1 <= nd <= 3 or len(head) < 4 + 4 * nd:
+        raise GenzooError(f"{dataset}: {path} is not a ubyte IDX file (corrupt or truncated): delete it and fetch again")
+    expected = 4 + 4 * nd + math.prod(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(nd))
+    if size != expected:
+        raise GenzooError(f"{dataset}: {path} is truncated or corrupt ({size} bytes, expected {expected}): "
+                          "delete it and fetch again")
+
+
 def torchvision_source(name: str) -> Callable:
     cls_name, shape = TORCHVISION[name]
 
@@ -72,6 +88,8 @@ def torchvision_source(name: str) -> Callable:
         root = Path(dcfg.root) / "raw"
         cls = getattr(tvd, cls_name)
         parts = {}
+        for file, _ in getattr(cls, "resources", []):  # MNIST and FashionMNIST: IDX files (CIFAR10 has none)
+            check_idx(root / cls_name / "raw" / file.removesuffix(".gz"), name)
         for train in (True, False):
             try:
                 ds = cls(root=str(root), train=train, download=True)

@@ -1,0 +1,65 @@
+"""The real console script on bad input: a non-zero exit and one `genzoo: error:` line naming the bad value,
+never a Python traceback. Each command runs in a throw-away project directory holding params.yaml."""
+from __future__ import annotations
+
+import pytest
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("genzoo: error:")]
+
+
+def assert_clean_failure(result, *named):
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "Traceback" not in out, out
+    lines = error_lines(result)
+    assert len(lines) == 1, out
+    for word in named:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["train", "family=nosuchfamily"], ["nosuchfamily", "vae"]),  # names the choices too
+    (["train", "family=vae", "vae.nosuchkey=1"], ["vae.nosuchkey"]),
+    (["fetch", "data.dataset=nosuchdata"], ["nosuchdata", "digits"]),
+])  # each costs a process start (~10-30 s on a busy 2-core box); the rest of the grammar: test_config.py
+def test_config_errors_are_one_line(project_dir, genzoo, args, named):
+    r = genzoo(args, cwd=project_dir)
+    line = assert_clean_failure(r, *named)
+    assert r.stderr.strip() == line  # nothing else on stderr: the error is the whole message
+    assert not (project_dir / "data").exists()  # refused before any work
+
+
+def test_corrupt_data_file_fails_train_naming_it(digits_project, genzoo):
+    project_dir = digits_project  # a real fetch's output, copied into the project
+    path = project_dir / "data" / "prepared" / "digits" / "train_x.npy"
+    raw = bytearray(path.read_bytes())
+    for i in (-1, -2, -3):
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+    r = genzoo(["train", "family=vae", "vae.max_epochs=1", "trainer.accelerator=cpu"], cwd=project_dir)
+    line = assert_clean_failure(r, "train_x.npy", "corrupt")
+    assert "genzoo fetch" in line  # says how to recover
+    assert not (project_dir / "data" / "models" / "vae" / "model.ckpt").exists()
+
+    # the MLflow run that training opened is marked FAILED with the reason
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    assert runs[0].info.status == "FAILED"
+    assert "train_x.npy" in runs[0].data.tags["genzoo.failure"]
+
+
+def test_evaluate_before_train_fails_clearly(project_dir, genzoo):
+    r = genzoo(["evaluate", "family=vae"], cwd=project_dir)
+    assert_clean_failure(r, "genzoo train family=vae")
+
+
+def test_missing_params_yaml(tmp_path, genzoo):
+    r = genzoo(["fetch"], cwd=tmp_path)
+    assert_clean_failure(r, "params.yaml")
