@@ -75,6 +75,10 @@ class GenerativeModel(pl.LightningModule):
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{self.family} has no encoder")
 
+    def token_count(self, x: Tensor) -> Optional[Tensor]:
+        """Real tokens per example for models of token sequences (perplexity is per token); None otherwise."""
+        return None
+
     def anomaly_score(self, x: Tensor) -> Tensor:
         """Higher = more anomalous. Default: the negative log-likelihood."""
         return -self.log_prob(x)

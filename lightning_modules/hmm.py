@@ -10,7 +10,7 @@ by `EMModel`, then `m_step` sets the maximum-likelihood parameters. Everything r
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -163,8 +163,8 @@ class HMM(EMModel):
         frames = self.emission.sample(states.reshape(-1))
         return from_sequences(frames.reshape(n, self.steps, *frames.shape[1:]), self.info)
 
-    def token_count(self, x: Tensor) -> Tensor:
+    def token_count(self, x: Tensor) -> Optional[Tensor]:
         """Real (non-padding) tokens per sequence, for perplexity = exp(sum NLL / sum tokens)."""
         if self.info.vocab_size is None:
-            raise NotImplementedError("token_count is defined for token sequences only")
+            return None  # real-valued frames: no tokens, no perplexity
         return (x >= 0).sum(-1)

@@ -45,6 +45,29 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class EpochShuffleSampler(Sampler):
+    """A fresh permutation per epoch drawn from (seed, epoch) only, so a resumed run sees the same
+    order as an uninterrupted one (Lightning calls `set_epoch` before each epoch). With several ranks,
+    rank r takes every W-th index of the permutation, padded by wrap-around so all ranks take the same
+    number of steps (as torch's DistributedSampler does)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.rank, self.world, self.epoch = n, seed, rank, world_size, 0
+        self.per_rank = -(-n // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        perm = torch.cat([perm, perm[: self.per_rank * self.world - self.n]])
+        return iter(perm[self.rank :: self.world].tolist())
+
+    def __len__(self):
+        return self.per_rank
+
+
 class PreparedDataModule(pl.LightningDataModule):
     def __init__(self, folder: str | Path, batch_size: int = 128, seed: int = 0, num_workers: int = 0,
                  fixed_train_noise: bool = False, exact_sharding: bool = False):
@@ -82,13 +105,13 @@ class PreparedDataModule(pl.LightningDataModule):
         else:
             ds, collate = TensorDataset(*self.raw("train")), self._collate_dequantize
         trainer = self.trainer
-        if self.exact_sharding and trainer is not None and trainer.world_size > 1:
-            sampler = ShardSampler(len(ds), trainer.global_rank, trainer.world_size)
-            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
-                              num_workers=self.num_workers)
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=not self.exact_sharding, generator=g,
-                          collate_fn=collate, num_workers=self.num_workers, drop_last=False)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if self.exact_sharding:  # EM: disjoint shards in a fixed order, the same on any number of ranks
+            sampler = ShardSampler(len(ds), rank, world)
+        else:
+            sampler = EpochShuffleSampler(len(ds), self.seed, rank, world)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers)
 
     def _eval_loader(self, split: str):
         return DataLoader(TensorDataset(*self.split(split)), batch_size=self.batch_size, num_workers=self.num_workers)

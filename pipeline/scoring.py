@@ -28,9 +28,8 @@ def likelihood_metrics(model: GenerativeModel, x: Tensor, info: DataInfo, batch_
     if info.levels is not None:
         nll += info.dim * math.log(info.levels)
     out = {"nll": nll, "bpd": nll / (info.dim * math.log(2))}
-    token_count = getattr(model, "token_count", None)
-    if token_count is not None:  # sequence models over tokens: perplexity per token
-        tokens = batched(token_count, x, batch_size).double().sum().item()
+    if model.token_count(x[:1]) is not None:  # sequence models over tokens: perplexity per token
+        tokens = batched(model.token_count, x, batch_size).double().sum().item()
         out["perplexity"] = math.exp(-log_p.sum().item() / tokens)
         out["bpd"] = -log_p.sum().item() / tokens / math.log(2)  # bits per token
     return out

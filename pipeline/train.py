@@ -91,8 +91,9 @@ def train(cfg) -> Path:
     features = feature_extractor(cfg, dm.info) if monitor else None
     if features is not None:
         callbacks.append(SampleFID(features, model_dir / "best.ckpt", every_n_epochs=cfg[family].get("fid_every_n_epochs", 5)))
+    # the data module shards per rank itself (pipeline.datamodule), so Lightning must not re-wrap it
     trainer = build_trainer(cfg, cfg[family].max_epochs, model_dir, logger=logger, callbacks=callbacks,
-                            use_distributed_sampler=not cls.exact_sharding)
+                            use_distributed_sampler=False)
 
     if trainer.is_global_zero:
         if resume_ckpt is None:

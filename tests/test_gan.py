@@ -100,10 +100,11 @@ def test_mlp_pair_for_other_continuous_data(info, bounded):
 
 
 def test_spectral_norm_gives_unit_largest_singular_value():
+    torch.manual_seed(0)
     info = DataInfo((1, 28, 28), "image", levels=256)
     _, d = build_pair(info, latent_dim=4, width=4, mlp_layers=1, spectral=True)
     x = torch.rand(4, 1, 28, 28)
-    for _ in range(5):  # training forwards run the power iteration
+    for _ in range(100):  # each training forward runs one power iteration; converge it (5 left 6% error)
         d(x)
     d.eval()
     layers = [m for m in d.modules() if isinstance(m, SpectralNorm)]
