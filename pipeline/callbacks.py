@@ -11,20 +11,29 @@ import torch
 from pipeline.errors import GenzooError
 
 
-class ReseedEachEpoch(pl.Callback):
-    """Seed every RNG from (seed, epoch, rank) at each epoch start.
+def _seed_all(*key: int) -> None:
+    s = hash(key) % 2**31
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
 
-    An epoch's randomness then does not depend on what ran before it, so a run resumed from a
-    checkpoint replays the remaining epochs bit for bit (CPU, deterministic mode)."""
+
+class ReseedEachEpoch(pl.Callback):
+    """Seed every RNG from (seed, epoch, rank) at each epoch start, and from (seed, epoch, batch, rank)
+    before each training step.
+
+    A step's randomness then does not depend on what ran before it (Lightning creates iterators and
+    prefetches at different moments in a fresh and in a resumed run), so a run resumed from a checkpoint
+    replays the remaining epochs bit for bit (CPU, deterministic mode)."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer, pl_module):
-        s = (self.seed * 1_000_003 + trainer.current_epoch * 7919 + trainer.global_rank) % (2**31)
-        torch.manual_seed(s)
-        np.random.seed(s)
-        random.seed(s)
+        _seed_all(self.seed, trainer.current_epoch, trainer.global_rank)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _seed_all(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
 
 
 class FailOnNonFiniteLoss(pl.Callback):

@@ -10,7 +10,7 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from lightning_modules.contract import DataInfo
 from pipeline.store import data_info, read_manifest, read_split
@@ -68,6 +68,19 @@ class EpochShuffleSampler(Sampler):
         return self.per_rank
 
 
+class IndexedDataset(Dataset):
+    """(x[i], y[i], i): the collate function keys each batch's noise on the examples it holds."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
 class PreparedDataModule(pl.LightningDataModule):
     def __init__(self, folder: str | Path, batch_size: int = 128, seed: int = 0, num_workers: int = 0,
                  fixed_train_noise: bool = False, exact_sharding: bool = False):
@@ -96,21 +109,24 @@ class PreparedDataModule(pl.LightningDataModule):
         return dequantize(x, self.info.levels, g), y
 
     def _collate_dequantize(self, batch):
-        x, y = torch.utils.data.default_collate(batch)
-        return dequantize(x, self.info.levels), y
+        """Fresh noise per batch from its own generator keyed on (seed, epoch, first example), not the global
+        RNG: the noise then does not depend on when Lightning prefetches the batch, nor on a resume."""
+        x, y, index = torch.utils.data.default_collate(batch)
+        key = hash((self.seed, getattr(self._train_sampler, "epoch", 0), int(index[0]))) % 2**62
+        return dequantize(x, self.info.levels, torch.Generator().manual_seed(key)), y
 
     def train_dataloader(self):
-        if self.fixed_train_noise:
-            ds, collate = TensorDataset(*self.split("train")), None
-        else:
-            ds, collate = TensorDataset(*self.raw("train")), self._collate_dequantize
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if self.exact_sharding:  # EM: disjoint shards in a fixed order, the same on any number of ranks
-            sampler = ShardSampler(len(ds), rank, world)
+            self._train_sampler = ShardSampler(len(self.raw("train")[0]), rank, world)
         else:
-            sampler = EpochShuffleSampler(len(ds), self.seed, rank, world)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
+            self._train_sampler = EpochShuffleSampler(len(self.raw("train")[0]), self.seed, rank, world)
+        if self.fixed_train_noise:
+            ds, collate = TensorDataset(*self.split("train")), None
+        else:
+            ds, collate = IndexedDataset(*self.raw("train")), self._collate_dequantize
+        return DataLoader(ds, batch_size=self.batch_size, sampler=self._train_sampler, collate_fn=collate,
                           num_workers=self.num_workers)
 
     def _eval_loader(self, split: str):

@@ -17,7 +17,6 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import MLFlowLogger
 
 from lightning_modules.registry import family_class
 from pipeline import tracking
@@ -27,6 +26,7 @@ from pipeline.datamodule import PreparedDataModule
 from pipeline.datasets import prepared_dir
 from pipeline.errors import GenzooError
 from pipeline.features import feature_extractor
+from pipeline.run_logger import ResumableMLFlowLogger
 
 STATE_FILE = "state.json"
 
@@ -81,12 +81,12 @@ def train(cfg) -> Path:
     dm = datamodule_for(cfg, cls)
     model = cls(family_section(cfg, family), dm.info.to_dict())
 
-    logger = MLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
+    logger = ResumableMLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
                           run_id=resume_run, tags=None if resume_run else tracking.run_tags(cfg, family, dm.manifest),
                           log_model=False)
     callbacks = [ReseedEachEpoch(cfg.trainer.seed), FailOnNonFiniteLoss(),
-                 ModelCheckpoint(dirpath=model_dir, filename="last", save_top_k=0, save_last=True,
-                                 enable_version_counter=False)]
+                 # no monitor + top-1: `last.ckpt` rewritten (atomically) after every epoch, the resume point
+                 ModelCheckpoint(dirpath=model_dir, filename="last", save_top_k=1, enable_version_counter=False)]
     monitor = getattr(cls, "checkpoint_monitor", None)
     features = feature_extractor(cfg, dm.info) if monitor else None
     if features is not None:
@@ -99,7 +99,8 @@ def train(cfg) -> Path:
         if resume_ckpt is None:
             shutil.rmtree(model_dir, ignore_errors=True)
         model_dir.mkdir(parents=True, exist_ok=True)
-        logger.log_hyperparams(flatten(cfg))
+        if resume_ckpt is None:  # a resumed run already holds its params (MLflow params are write-once)
+            logger.log_hyperparams({k: v for k, v in flatten(cfg).items() if k != "resume"})
         (model_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         tracking.write_run_file(model_dir, logger.run_id, logger.experiment_id, tracking.tracking_uri(cfg))
         _write_state(model_dir, cfg, family, logger.run_id, finished=False)
@@ -133,7 +134,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _log_outputs(logger: MLFlowLogger, model_dir: Path, cost: dict) -> None:
+def _log_outputs(logger: ResumableMLFlowLogger, model_dir: Path, cost: dict) -> None:
     run_id, exp = logger.run_id, logger.experiment
     for k, v in cost.items():
         exp.log_metric(run_id, f"perf/{k}", v)
