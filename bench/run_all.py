@@ -16,7 +16,7 @@ SCRIPTS = [
     ("Gaussian mixtures: EM iteration vs scikit-learn and torchgmm", "bench_gmm.py"),
     ("Hidden Markov models: Baum-Welch iteration vs hmmlearn and pomegranate", "bench_hmm.py"),
     ("RBM: training epoch vs scikit-learn BernoulliRBM", "bench_rbm.py"),
-    ("Lightning overhead and sampling speed", "bench_flow_loop.py"),
+    ("Deep families: Lightning overhead and sampling speed of every family", "bench_lightning_loop.py"),
 ]
 
 

@@ -75,6 +75,11 @@ class GenerativeModel(pl.LightningModule):
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{self.family} has no encoder")
 
+    def n_parameters(self) -> int:
+        """Free parameters of the fitted model (the cost table's count). Default: every trainable weight;
+        EM families, whose parameters are buffers, count their free parameters themselves."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
     def token_count(self, x: Tensor) -> Optional[Tensor]:
         """Real tokens per example for models of token sequences (perplexity is per token); None otherwise."""
         return None

@@ -34,6 +34,13 @@ def ema_update_(average: nn.Module, current: nn.Module, decay: float) -> None:
         a.copy_(c)
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The decay used at generator step `step` (1-based): min(decay, (1 + t) / (10 + t)), the warm-up of
+    TensorFlow's ExponentialMovingAverage(num_updates). Without it a decay of 0.999 over a few hundred steps
+    would keep the average mostly at the random initial weights."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 @contextmanager
 def evaluating(module: nn.Module):
     """Eval mode inside the block, the previous mode restored after it."""
@@ -52,21 +59,21 @@ class GAN(GenerativeModel):
 
     @dataclass
     class Config:
-        max_epochs: int = 60
+        max_epochs: int = 200
         seed: int = 0
         loss: str = "hinge"  # hinge | nonsaturating
         latent_dim: int = 32
         width: int = 32  # images: channels at full resolution (doubling per halving); vectors: hidden units
         mlp_layers: int = 3  # vectors only: hidden layers of the MLP pair
         spectral_norm: bool = True  # on every layer of D
-        lr_g: float = 1e-4
+        lr_g: float = 2e-4
         lr_d: float = 4e-4
         beta1_g: float = 0.5
         beta2_g: float = 0.999
         beta1_d: float = 0.5
         beta2_d: float = 0.999
         n_critic: int = 1  # D steps per G step
-        ema_decay: float = 0.99  # 0: sample from G itself; ~1/(1-decay) G steps averaged
+        ema_decay: float = 0.999  # 0: sample from G itself; ~1/(1-decay) G steps averaged
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -82,6 +89,7 @@ class GAN(GenerativeModel):
         # Not a parameter of any optimiser: frozen, so DDP does not expect gradients for it.
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if self.hp.ema_decay > 0 else None
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))  # survives checkpoints
+        self.register_buffer("g_steps", torch.zeros((), dtype=torch.long))
 
     # --- the contract -------------------------------------------------------------------------
     @torch.no_grad()
@@ -138,7 +146,8 @@ class GAN(GenerativeModel):
             loss_g = self._optimizer_step(opt_g, self.loss.generator(self.discriminator(self.generator(self.noise(len(x))))))
             self.log("train/loss_g", loss_g, **log)
             if self.generator_ema is not None:
-                ema_update_(self.generator_ema, self.generator, self.hp.ema_decay)
+                self.g_steps += 1
+                ema_update_(self.generator_ema, self.generator, ema_decay_at(self.hp.ema_decay, int(self.g_steps)))
 
     def validation_step(self, batch, batch_idx):
         x = batch[0]

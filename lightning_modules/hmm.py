@@ -142,6 +142,10 @@ class HMM(EMModel):
         self.set_parameters(stats["start"] / stats["start"].sum(), transmat)
         self.emission.m_step({k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("emission.")})
 
+    def n_parameters(self) -> int:
+        n = self.startprob.numel()
+        return (n - 1) + n * (n - 1) + self.emission.n_parameters()
+
     # --- the contract -----------------------------------------------------------------------------
     @torch.no_grad()
     def log_prob(self, x: Tensor) -> Tensor:

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.gaussian import (covariance_shape, estimate_gaussians, gaussian_log_prob,
-                                        precision_cholesky, sample_gaussians, sufficient_statistics)
+                                        n_covariance_parameters, precision_cholesky, sample_gaussians,
+                                        sufficient_statistics)
 
 DTYPE = torch.float64
 
@@ -24,6 +25,10 @@ class GaussianEmission(nn.Module):
         self.covariance_type, self.reg_covar = covariance_type, reg_covar
         self.register_buffer("means", torch.zeros(n_states, dim, dtype=DTYPE))
         self.register_buffer("prec_chol", torch.ones(covariance_shape(n_states, dim, covariance_type), dtype=DTYPE))
+
+    def n_parameters(self) -> int:
+        n, d = self.means.shape
+        return n * d + n_covariance_parameters(n, d, self.covariance_type)
 
     def log_prob(self, x: Tensor) -> Tensor:
         return gaussian_log_prob(x, self.means, self.prec_chol, self.covariance_type)
@@ -61,6 +66,10 @@ class CategoricalEmission(nn.Module):
         super().__init__()
         self.pseudocount = pseudocount
         self.register_buffer("probs", torch.full((n_states, vocab_size), 1.0 / vocab_size, dtype=DTYPE))
+
+    def n_parameters(self) -> int:
+        n, v = self.probs.shape
+        return n * (v - 1)
 
     def log_prob(self, x: Tensor) -> Tensor:
         return self.probs.log().T[x]

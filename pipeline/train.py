@@ -118,7 +118,7 @@ def train(cfg) -> Path:
             best = model_dir / "best.ckpt"
             if best.is_file():
                 shutil.copyfile(best, final)
-            cost = {"train_seconds": seconds, "parameters": float(sum(p.numel() for p in model.parameters())),
+            cost = {"train_seconds": seconds, "parameters": float(model.n_parameters()),
                     "peak_memory_mb": peak_memory_mb()}
             _log_outputs(logger, model_dir, cost)
             _write_state(model_dir, cfg, family, logger.run_id, finished=True, cost=cost)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.contract import DataInfo
-from lightning_modules.gan import GAN, ema_update_
+from lightning_modules.gan import GAN, ema_decay_at, ema_update_
 from lightning_modules.gan_losses import gan_loss
 from lightning_modules.gan_nets import SpectralNorm, build_pair, num_stages
 from lightning_modules.registry import family_class
@@ -155,11 +155,20 @@ def test_ttur_optimisers_have_their_own_rates_and_betas():
     assert {id(p) for p in opt_d.param_groups[0]["params"]} == {id(p) for p in model.discriminator.parameters()}
 
 
+def test_ema_decay_warms_up_to_its_setting():
+    assert ema_decay_at(0.999, 1) == pytest.approx(2 / 11)
+    assert ema_decay_at(0.999, 100) == pytest.approx(101 / 110)
+    assert ema_decay_at(0.9, 10_000) == 0.9
+
+
 # --- EMA of G -------------------------------------------------------------------------------------
 def closed_form_ema(history, decay):
-    """decay^T theta_0 + sum_{i=1..T} (1 - decay) decay^(T-i) theta_i, in float64."""
+    """decay^T theta_0 + sum_{i=1..T} (1 - decay) decay^(T-i) theta_i, in float64; `decay` may be a list
+    (d_1..d_T, one per step): prod_j d_j theta_0 + sum_i (1 - d_i) prod_{j>i} d_j theta_i."""
     T = len(history) - 1
-    return decay**T * history[0] + sum((1 - decay) * decay ** (T - i) * history[i] for i in range(1, T + 1))
+    d = [decay] * T if isinstance(decay, float) else list(decay)
+    after = lambda i: math.prod(d[i:])  # noqa: E731  (prod of d_{i+1}..d_T, 0-based list)
+    return after(0) * history[0] + sum((1 - d[i - 1]) * after(i) * history[i] for i in range(1, T + 1))
 
 
 def test_ema_update_is_the_exponential_average():
@@ -199,7 +208,9 @@ def test_ema_generator_follows_the_closed_form_and_is_sampled(tmp_path):
     make_trainer(tmp_path, max_epochs=1, callbacks=[rec]).fit(model, loader(torch.randn(48, 2), 8))
     assert len(rec.history) == 7  # initial weights + 6 generator steps
     ema = torch.cat([p.double().flatten() for p in model.generator_ema.parameters()])
-    torch.testing.assert_close(ema, closed_form_ema(rec.history, 0.9), rtol=1e-5, atol=1e-6)
+    # warm-up: step t uses min(0.9, (1 + t) / (10 + t)) = 2/11, 3/12, ..., 7/16
+    decays = [(1 + t) / (10 + t) for t in range(1, 7)]
+    torch.testing.assert_close(ema, closed_form_ema(rec.history, decays), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ema, rec.history[-1])
 
     torch.manual_seed(5)

@@ -126,6 +126,12 @@ def test_encode_is_mean_posterior_of_hmmlearn():
     np.testing.assert_allclose(ours_from(ref, "full").encode(x).numpy(), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_free_parameter_count_equals_hmmlearns(kind):
+    ref = random_reference(kind)
+    assert ours_from(ref, kind).n_parameters() == sum(ref._get_n_fit_scalars_per_param().values())
+
+
 # --- log_prob vs brute force --------------------------------------------------------------------------
 def test_log_prob_equals_enumeration_over_state_paths():
     """p(x) = sum over all N^T state paths of p(z) p(x | z), with scipy's Gaussian densities."""

@@ -97,3 +97,37 @@ def test_compare_prints_every_family(repro):
     out = run(["genzoo", "compare"], project, env)
     for family in params["families"]:
         assert family in out
+
+
+def _image(path: Path):
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and min(img.shape[:2]) >= 16, img.shape
+    return img
+
+
+@pytest.mark.parametrize("family", ["vae", "gmm", "gan"])
+def test_sample_from_the_logged_mlflow_model_and_from_the_checkpoint(repro, family):
+    project, env, _, _ = repro
+    run_id = json.loads((project / "reports" / "families" / f"{family}.json").read_text())["run_id"]
+    for ref, out in ((f"runs:/{run_id}/model", "from_mlflow.png"), (f"data/models/{family}/model.ckpt", "from_ckpt.png")):
+        run(["genzoo", "sample", "--model", ref, "-n", "16", "-o", out], project, env)
+        img = _image(project / out)
+        assert img[..., :3].std() > 0.01, f"{family} samples from {ref} are a blank image"
+
+
+TIMING = ("seconds", "per_second", "memory")
+
+
+def test_forced_rerun_gives_bit_identical_metrics(repro):
+    """`dvc repro -f` of train + evaluate, same params and seed: every metric but the timings is identical."""
+    project, env, _, _ = repro
+    families = ("vae", "gmm", "gan")
+    before = {f: json.loads((project / "reports" / "families" / f"{f}.json").read_text())["metrics"] for f in families}
+    run(["dvc", "repro", "-f", "-s"] + [f"{stage}@{f}" for f in families for stage in ("train", "evaluate")], project, env)
+    for f in families:
+        after = json.loads((project / "reports" / "families" / f"{f}.json").read_text())["metrics"]
+        assert after.keys() == before[f].keys()
+        differ = {k: (before[f][k], after[k]) for k in after if not any(t in k for t in TIMING) and after[k] != before[f][k]}
+        assert not differ, f"{f}: {differ}"
