@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_modules.contract import GenerativeModel
 
@@ -25,8 +25,13 @@ class EMModel(GenerativeModel):
         super().__init__(cfg, info)
         self.automatic_optimization = False
         self.register_buffer("initialized", torch.tensor(False))
+        # last epoch's mean log-likelihood, for the tolerance stop; a buffer so a resumed run stops where
+        # an uninterrupted one would
+        self.register_buffer("previous_loglik", torch.tensor(float("nan"), dtype=torch.float64))
+        # DistributedDataParallel refuses a module with no trainable parameter, and EM keeps its parameters
+        # in buffers: this empty one lets Lightning's DDP wrap the module. It never receives a gradient.
+        self.ddp_anchor = nn.Parameter(torch.zeros(0))
         self._stats: Stats = {}
-        self._previous_loglik = None
 
     # --- what a family implements -----------------------------------------------------------------
     def initialize(self, x: Tensor) -> None:
@@ -67,9 +72,9 @@ class EMModel(GenerativeModel):
         self.log("train/loglik", loglik, on_epoch=True, rank_zero_only=True)
         self.log("train/loss", -loglik, on_epoch=True, rank_zero_only=True)
         tol = float(self.cfg.get("tol", 0.0))
-        if self._previous_loglik is not None and abs(loglik - self._previous_loglik) < tol:
+        if abs(loglik - self.previous_loglik.item()) < tol:  # False while previous is NaN
             self.trainer.should_stop = True
-        self._previous_loglik = loglik
+        self.previous_loglik.fill_(loglik)
 
     def validation_step(self, batch, batch_idx):
         nll = -self.log_prob(batch[0]).mean()

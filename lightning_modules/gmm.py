@@ -64,10 +64,6 @@ class GMM(EMModel):
         self.register_buffer("weights", torch.full((k,), 1.0 / k, dtype=DTYPE))
         self.register_buffer("means", torch.zeros(k, d, dtype=DTYPE))
         self.register_buffer("prec_chol", unit_covariances(k, d, config.covariance_type).to(DTYPE))  # = its Cholesky
-        if not any(p.requires_grad for p in self.parameters()):
-            # DDP refuses to wrap a module with no trainable parameter and EM has none: keep one unused
-            # scalar. TODO: belongs in EMModel (shared with HMM); this line goes when em.py has it.
-            self._ddp_anchor = torch.nn.Parameter(torch.zeros(1))
 
     # --- parameters ---------------------------------------------------------------------------------
     def set_parameters(self, weights: Tensor, means: Tensor, covariances: Tensor) -> None:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_modules import forward_backward as fb
 from lightning_modules.contract import DataInfo
@@ -95,9 +95,6 @@ class HMM(EMModel):
         else:
             check_covariance_type(c.covariance_type)
             self.emission = GaussianEmission(n, dim, c.covariance_type, c.reg_covar)
-        # DistributedDataParallel refuses a module with no trainable parameter; EM has none, so this
-        # empty one lets Lightning's DDP wrap the module. It never receives a gradient.
-        self.ddp_anchor = nn.Parameter(torch.zeros(0))
         self.steps = steps
 
     # --- the HMM itself ---------------------------------------------------------------------------
