@@ -76,8 +76,12 @@ def _file_png(path: str) -> str:
 
 def curves_figure(histories) -> str:
     families = [f for f in histories if histories[f]]
-    fig, axes = plt.subplots(1, max(len(families), 1), figsize=(3.2 * max(len(families), 1), 2.6), squeeze=False)
-    for ax, family in zip(axes[0], families):
+    cols = min(3, max(len(families), 1))
+    rows = max(1, -(-len(families) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(families):]:
+        ax.set_visible(False)
+    for ax, family in zip(axes.flat, families):
         for key in ("train/loss", "val/loss"):
             pts = histories[family].get(key)
             if pts:
@@ -85,6 +89,7 @@ def curves_figure(histories) -> str:
         ax.set_title(family)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -131,7 +136,7 @@ a lower bound on the log-likelihood (so an upper bound on NLL) or a stochastic e
 test split scored against the train split: the floor no model is expected to beat.{featnet_note}</p>
 {table}
 <h2>Samples</h2><div class="grids">{grids}</div>
-<h2>Training curves</h2><img src="{curves}" alt="training curves">
+<h2>Training curves</h2><img src="{curves}" style="max-width:100%" alt="training curves">
 <h2>Anomaly detection</h2><img src="{roc}" alt="ROC curves">
 <h2>Config</h2><pre>{config}</pre>
 </body></html>
