@@ -55,6 +55,9 @@ class GenerativeModel(pl.LightningModule):
     # EM-style families need every rank to see a disjoint shard of the data with no padding, so that
     # summed sufficient statistics equal the single-device ones exactly.
     exact_sharding: ClassVar[bool] = False
+    # Parameter sharding (FSDP) makes sense for big gradient-trained nets with automatic optimisation;
+    # EM families keep buffers, the RBM and the GAN step their optimisers by hand.
+    supports_fsdp: ClassVar[bool] = False
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__()

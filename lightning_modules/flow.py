@@ -54,6 +54,7 @@ def vector_step(features: int, index: int, kind: str, hidden: int) -> Transform:
 
 class Flow(GenerativeModel):
     family = "flow"
+    supports_fsdp = True
     log_prob_kind = "exact"
 
     @dataclass

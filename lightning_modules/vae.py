@@ -23,6 +23,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
 
 class VAE(GenerativeModel):
     family = "vae"
+    supports_fsdp = True
     log_prob_kind = "lower_bound"
 
     @dataclass

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_modules.registry import family_class
 from pipeline import tracking
@@ -54,7 +55,11 @@ def build_trainer(cfg, max_epochs: int, default_root_dir: Path, **kwargs) -> pl.
         log_every_n_steps=t.log_every_n_steps, default_root_dir=str(default_root_dir),
         enable_progress_bar=sys.stdout.isatty(), enable_model_summary=False, num_sanity_val_steps=0,
     )
-    return pl.Trainer(**{**args, **kwargs})
+    try:
+        return pl.Trainer(**{**args, **kwargs})
+    except (ValueError, MisconfigurationException) as e:  # e.g. fsdp on a CPU, devices=3 with 2 GPUs
+        raise GenzooError(f"trainer settings (trainer.accelerator={t.accelerator}, trainer.devices={t.devices}, "
+                          f"trainer.strategy={t.strategy}): {str(e).splitlines()[0]}") from None
 
 
 def _resume_point(cfg, family: str, model_dir: Path):
@@ -74,6 +79,9 @@ def _resume_point(cfg, family: str, model_dir: Path):
 def train(cfg) -> Path:
     family = require_family(cfg)
     cls = family_class(family)
+    if "fsdp" in str(cfg.trainer.strategy) and not cls.supports_fsdp:
+        raise GenzooError(f"trainer.strategy={cfg.trainer.strategy}: {family} does not shard its parameters; "
+                          "use ddp (FSDP is for vae and flow)")
     model_dir = models_dir(cfg, family)
     resume_ckpt, resume_run = _resume_point(cfg, family, model_dir)
 

@@ -63,3 +63,22 @@ def test_evaluate_before_train_fails_clearly(project_dir, genzoo):
 def test_missing_params_yaml(tmp_path, genzoo):
     r = genzoo(["fetch"], cwd=tmp_path)
     assert_clean_failure(r, "params.yaml")
+
+
+@pytest.mark.parametrize("family, named", [("vae", "requires a GPU"), ("gmm", "gmm does not shard")])
+def test_trainer_settings_lightning_cannot_run_are_one_clear_error(digits_project, family, named):
+    """FSDP asked for on a CPU (Lightning refuses it) or for an EM family (nothing to shard): a GenzooError
+    naming the trainer keys, raised before any MLflow run or model folder exists."""
+    import sqlite3
+
+    from pipeline.config import load_config
+    from pipeline.errors import GenzooError
+    from pipeline.train import train
+
+    db = digits_project / "mlflow.db"
+    cfg = load_config([f"family={family}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp",
+                       f"tracking.uri=sqlite:///{db}"])
+    with pytest.raises(GenzooError, match=f"trainer.strategy=fsdp.*{named}"):
+        train(cfg)
+    runs = sqlite3.connect(db).execute("select count(*) from runs").fetchone()[0] if db.exists() else 0
+    assert runs == 0 and not (digits_project / "data" / "models" / family).exists()
