@@ -109,7 +109,7 @@ def sweep(overrides: List[str]) -> List[List[str]]:
 
 
 def run(argv: List[str]) -> None:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # `train -m a=1,2`: options between positionals
     _quiet()
     from pipeline.config import load_config
 

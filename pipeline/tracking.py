@@ -23,8 +23,18 @@ def quiet_telemetry() -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+def default_tracking_uri(cwd: Optional[Path] = None) -> str:
+    """`sqlite:///mlflow.db` in the project. A queued or `--temp` DVC experiment runs in a copy of the
+    project under `<project>/.dvc/tmp/exps/`, which DVC deletes afterwards: its runs go to the project's store."""
+    parts = (cwd or Path.cwd()).resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return f"sqlite:///{Path(*parts[:i]) / 'mlflow.db'}"
+    return DEFAULT_TRACKING_URI
+
+
 def tracking_uri(cfg) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def experiment_name(cfg) -> str:
@@ -54,6 +64,32 @@ def client(cfg):
     quiet_telemetry()
     mlflow.set_tracking_uri(tracking_uri(cfg))
     return mlflow.MlflowClient()
+
+
+def ensure_store(uri: str, experiment: str) -> None:
+    """Create (or upgrade) a sqlite store and the experiment under an exclusive file lock beside it.
+
+    MLflow builds a fresh sqlite store with alembic migrations the first time a process opens it; two
+    processes doing that at once (the DDP ranks torchrun or srun start, or jobs sharing one store) fail
+    with "duplicate column" / "Online migration expected to match one row" errors, and two that both
+    create the experiment collide on its unique name. Under the lock the first one does both, the
+    others find them done. Other stores (a tracking server) handle concurrency themselves."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    import mlflow
+
+    path = Path(uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            c = mlflow.MlflowClient(uri)  # creates and migrates the tables when they are missing
+            if c.get_experiment_by_name(experiment) is None:
+                c.create_experiment(experiment)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_run_file(model_dir: Path, run_id: str, experiment_id: str, uri: str) -> None:

@@ -89,6 +89,7 @@ def train(cfg) -> Path:
     dm = datamodule_for(cfg, cls)
     model = cls(family_section(cfg, family), dm.info.to_dict())
 
+    tracking.ensure_store(tracking.tracking_uri(cfg), tracking.experiment_name(cfg))
     logger = ResumableMLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
                           run_id=resume_run, tags=None if resume_run else tracking.run_tags(cfg, family, dm.manifest),
                           log_model=False)

@@ -82,3 +82,27 @@ def test_trainer_settings_lightning_cannot_run_are_one_clear_error(digits_projec
         train(cfg)
     runs = sqlite3.connect(db).execute("select count(*) from runs").fetchone()[0] if db.exists() else 0
     assert runs == 0 and not (digits_project / "data" / "models" / family).exists()
+
+
+def test_nan_loss_ends_the_run_failed_with_no_model(digits_project):
+    """A diverging run (absurd learning rate) stops at the first non-finite loss: GenzooError, the MLflow
+    run FAILED with the reason as a tag, state.json unfinished and no model.ckpt that looks finished."""
+    import json
+    import sqlite3
+
+    from pipeline.config import load_config
+    from pipeline.errors import GenzooError
+    from pipeline.train import train
+
+    db = digits_project / "mlflow.db"
+    cfg = load_config(["family=vae", "trainer.accelerator=cpu", "vae.max_epochs=3", "vae.lr=1e30",
+                       "vae.hidden=32", "vae.channels=8", f"tracking.uri=sqlite:///{db}"])
+    with pytest.raises(GenzooError, match="non-finite"):
+        train(cfg)
+    con = sqlite3.connect(db)
+    (run_id, status), = con.execute("select run_uuid, status from runs").fetchall()
+    reason = con.execute("select value from tags where run_uuid = ? and key = 'genzoo.failure'", (run_id,)).fetchone()
+    assert status == "FAILED" and reason and "non-finite" in reason[0]
+    model_dir = digits_project / "data" / "models" / "vae"
+    assert not (model_dir / "model.ckpt").exists()
+    assert json.loads((model_dir / "state.json").read_text())["finished"] is False

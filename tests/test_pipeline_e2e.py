@@ -131,3 +131,25 @@ def test_forced_rerun_gives_bit_identical_metrics(repro):
         assert after.keys() == before[f].keys()
         differ = {k: (before[f][k], after[k]) for k in after if not any(t in k for t in TIMING) and after[k] != before[f][k]}
         assert not differ, f"{f}: {differ}"
+
+
+def test_queued_dvc_experiment_logs_into_the_projects_store(repro):
+    """`dvc exp run --queue -S vae.latent_dim=4` + `--run-all`: DVC runs the experiment in a copy of the
+    project under .dvc/tmp/exps/ and deletes it; its MLflow run must land in the project's mlflow.db, and
+    `dvc exp show` lists the experiment with its metrics."""
+    project, env, _, _ = repro
+    env = {**env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    run(["git", "add", "-A"], project, env)
+    run(["git", "commit", "-qm", "baseline after repro"], project, env)
+    run(["dvc", "exp", "run", "--queue", "-S", "vae.latent_dim=4"], project, env)
+    run(["dvc", "exp", "run", "--run-all"], project, env)
+
+    db = sqlite3.connect(project / "mlflow.db")
+    latent = db.execute("""select r.status from runs r join params p on p.run_uuid = r.run_uuid
+                           where p.key = 'vae.latent_dim' and p.value = '4'""").fetchall()
+    assert latent == [("FINISHED",)], latent
+    out = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    shown = json.dumps(json.loads(out.stdout))
+    assert '"latent_dim": 4' in shown and '"latent_dim": 16' in shown  # the experiment beside its baseline
