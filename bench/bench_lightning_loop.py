@@ -140,29 +140,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lightning_loop.json"))
     args = ap.parse_args()
 
-    loader = digits_loader(args.batch_size, args.batches)
     root = ROOT / "bench" / "results" / "lightning_root"
     loops = {"flow": (new_flow, plain_flow_step_seconds), "gan": (new_gan, plain_gan_step_seconds)}
     steps = {}
-    for name, (new_model, plain_step) in loops.items():
-        plain, lit = [], []
-        for _ in range(args.repeats):
-            plain.append(plain_step(loader, args.warmup))
-            lit.append(lightning_step_seconds(new_model(), loader, args.warmup, root))
-        p, q = statistics.median(plain), statistics.median(lit)
-        steps[name] = {"plain_step_ms": 1e3 * p, "lightning_step_ms": 1e3 * q, "ratio": q / p,
-                       "plain_step_ms_all": [1e3 * t for t in plain], "lightning_step_ms_all": [1e3 * t for t in lit]}
+    for batch_size in args.batch_sizes:
+        loader = digits_loader(batch_size, args.batches)
+        for name, (new_model, plain_step) in loops.items():
+            plain, lit = [], []
+            for _ in range(args.repeats):
+                plain.append(plain_step(loader, args.warmup))
+                lit.append(lightning_step_seconds(new_model(), loader, args.warmup, root))
+            p, q = statistics.median(plain), statistics.median(lit)
+            steps[f"{name}, batch {batch_size}"] = {
+                "plain_step_ms": 1e3 * p, "lightning_step_ms": 1e3 * q, "ratio": q / p,
+                "plain_step_ms_all": [1e3 * t for t in plain], "lightning_step_ms_all": [1e3 * t for t in lit]}
     sampling = {name: samples_per_second(model) for name, model in every_family_on_digits().items()}
     sampling["flow (toy2d, MAF)"] = samples_per_second(Flow({}, TOY))
     sampling["gan (toy2d, MLP)"] = samples_per_second(GAN({}, TOY))
     result = {
         "data": "digits 1x8x8, default params.yaml sections",
-        "batch_size": args.batch_size,
+        "batch_sizes": args.batch_sizes,
         "timed_batches": args.batches - args.warmup,
         "repeats": args.repeats,
         "steps": steps,
@@ -175,9 +177,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"Training step, batch {args.batch_size} (median of {args.repeats} alternating runs, "
+    print(f"Training step (median of {args.repeats} alternating runs, "
           f"{args.batches - args.warmup} timed steps each):\n")
-    print("| family | plain PyTorch step (ms) | Lightning step (ms) | Lightning / plain (target <= 1.05) |\n|---|---:|---:|---:|")
+    print("| family, batch | plain PyTorch step (ms) | Lightning step (ms) | Lightning / plain (target <= 1.05) |\n|---|---:|---:|---:|")
     for name, r in steps.items():
         print(f"| {name} | {r['plain_step_ms']:.2f} | {r['lightning_step_ms']:.2f} | {r['ratio']:.3f} |")
     print("\nSampling, batch 1024 (median of 5):\n\n| family | samples / s |\n|---|---:|")
