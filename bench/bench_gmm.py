@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import SequentialSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from lightning_modules.contract import DataInfo  # noqa: E402
 from lightning_modules.gaussian import covariances_from_precision_cholesky  # noqa: E402
 from lightning_modules.gmm import GMM  # noqa: E402
+from pipeline.datamodule import BatchIndexedDataset, batch_loader  # noqa: E402
 
 K = 10
 CHUNK = 16384  # rows per e_step call (full covariance: a (CHUNK, K, D) float64 temporary)
@@ -96,7 +97,8 @@ def genzoo_trainer(init: GMM, xt: torch.Tensor, batch_size: int):
 
     def run(iters: int) -> GMM:
         model = copy_of(init)
-        loader = DataLoader(TensorDataset(xt, torch.zeros(len(xt))), batch_size=batch_size)
+        data = BatchIndexedDataset(xt, torch.zeros(len(xt)))  # the pipeline's loading path
+        loader = batch_loader(data, SequentialSampler(data), batch_size)
         pl.Trainer(max_epochs=iters, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False).fit(model, loader)
         return model
