@@ -37,6 +37,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, cwd=HERE.parent)
         body = out.stdout.strip() if out.returncode == 0 else f"FAILED (exit {out.returncode}):\n```\n{out.stderr[-2000:]}\n```"
         parts.append(f"## {title}\n\n{body}\n")
+    parts.append((HERE / "NOTES.md").read_text())  # what the numbers mean and what would close the gaps
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(parts))
     print("wrote BENCHMARKS.md")
 
