@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
-    ("Gaussian mixtures: EM iteration vs scikit-learn and torchgmm", "bench_gmm.py"),
+    ("Gaussian mixtures: EM iteration vs scikit-learn GaussianMixture and torchgmm", "bench_gmm.py"),
     ("Hidden Markov models: Baum-Welch iteration vs hmmlearn and pomegranate", "bench_hmm.py"),
     ("RBM: training epoch vs scikit-learn BernoulliRBM", "bench_rbm.py"),
     ("Deep families: Lightning overhead and sampling speed of every family", "bench_lightning_loop.py"),
