@@ -201,7 +201,6 @@ class RecordRanks(pl.Callback):
         torch.save(state, f"{self.folder}/final{trainer.global_rank}.pt")
 
 
-@pytest.mark.slow  # two spawned interpreters: ~70 s on the shared 2-core machine
 def test_ddp_two_processes_agree(tmp_path):
     model = Flow({"vector_steps": 2, "hidden_features": 16}, TOY)
     initial = {k: v.clone() for k, v in model.state_dict().items()}

@@ -127,7 +127,6 @@ def fit_to_checkpoint(tmp_path, name: str, cfg: dict, **trainer_kw) -> str:
     return str(tmp_path / f"{name}.ckpt")
 
 
-@pytest.mark.slow  # ~60 s here: two spawned interpreters import torch + Lightning on a shared 2-core CPU
 def test_ddp_two_processes_equal_one(tmp_path):
     write_prepared(digits(DataConfig(), np.random.default_rng(0)), tmp_path / "digits", "digits", 0)
     cfg = {"n_components": 4, "covariance_type": "full", "max_epochs": 3, "tol": 0.0, "init_subsample": 500}

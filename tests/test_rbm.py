@@ -255,7 +255,6 @@ def test_checkpoint_round_trip_weights_only(trained, tmp_path):
         torch.testing.assert_close(loaded.encode(val), model.encode(val))
 
 
-@pytest.mark.slow  # two spawned processes: ~35 s on 2 shared cores
 def test_trains_under_ddp_spawn(tmp_path):
     train, val = digits_splits()
     model = RBM(dict(n_hidden=12, persistent=True, n_chains=32), DIGITS_INFO)
