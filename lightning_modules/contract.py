@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar, Optional
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
 
 LOG_PROB_KINDS = ("exact", "lower_bound", "estimate")

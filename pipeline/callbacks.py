@@ -18,7 +18,7 @@ def _seed_all(*key: int) -> None:
     random.seed(s)
 
 
-class ReseedEachEpoch(pl.Callback):
+class ReseedEachStep(pl.Callback):
     """Seed every RNG from (seed, epoch, rank) at each epoch start, and from (seed, epoch, batch, rank)
     before each training step.
 

@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_modules.registry import family_class
 from pipeline import tracking
-from pipeline.callbacks import FailOnNonFiniteLoss, ReseedEachEpoch, SampleFID
+from pipeline.callbacks import FailOnNonFiniteLoss, ReseedEachStep, SampleFID
 from pipeline.config import family_section, flatten, require_family
 from pipeline.datamodule import PreparedDataModule
 from pipeline.datasets import prepared_dir
@@ -93,7 +93,7 @@ def train(cfg) -> Path:
     logger = ResumableMLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
                           run_id=resume_run, tags=None if resume_run else tracking.run_tags(cfg, family, dm.manifest),
                           log_model=False)
-    callbacks = [ReseedEachEpoch(cfg.trainer.seed), FailOnNonFiniteLoss(),
+    callbacks = [ReseedEachStep(cfg.trainer.seed), FailOnNonFiniteLoss(),
                  # no monitor + top-1: `last.ckpt` rewritten (atomically) after every epoch, the resume point
                  ModelCheckpoint(dirpath=model_dir, filename="last", save_top_k=1, enable_version_counter=False)]
     monitor = getattr(cls, "checkpoint_monitor", None)
