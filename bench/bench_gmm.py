@@ -17,6 +17,7 @@ Prints a markdown table (stdout) and writes bench/results/gmm.json. Usage: pytho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -32,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_modules.contract import DataInfo  # noqa: E402
-from lightning_modules.gaussian import covariances_from_precision_cholesky  # noqa: E402
+from lightning_modules.common.gaussian import covariances_from_precision_cholesky  # noqa: E402
 from lightning_modules.gmm import GMM  # noqa: E402
-from pipeline.datamodule import BatchIndexedDataset, batch_loader  # noqa: E402
+from pipeline.data.datamodule import BatchIndexedDataset, batch_loader  # noqa: E402
 
 K = 10
 CHUNK = 16384  # rows per e_step call (full covariance: a (CHUNK, K, D) float64 temporary)
@@ -74,7 +75,7 @@ def initial_model(x: np.ndarray, covariance_type: str) -> GMM:
 
 
 def copy_of(model: GMM) -> GMM:
-    clone = GMM(model.cfg, model.info.to_dict())
+    clone = GMM(dataclasses.asdict(model.config), model.info.to_dict())
     clone.load_state_dict(model.state_dict())
     return clone
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_modules.flow import Flow  # noqa: E402
-from lightning_modules.gan import GAN, ema_decay_at, ema_update_  # noqa: E402
+from lightning_modules.gan.model import GAN, ema_decay_at, ema_update_  # noqa: E402
 
 DIGITS = {"shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}
 TOY = {"shape": [2], "kind": "vector"}
@@ -110,7 +110,7 @@ def plain_gan_step_seconds(loader: DataLoader, warmup: int) -> float:
         loss_g.backward()
         opt_g.step()
         g_steps += 1
-        ema_update_(model.generator_ema, model.generator, ema_decay_at(model.hp.ema_decay, g_steps))
+        ema_update_(model.generator_ema, model.generator, ema_decay_at(model.config.ema_decay, g_steps))
 
     return timed_loop(loader, warmup, step)
 

@@ -101,6 +101,7 @@ def time_lightning(args, n_hidden, train, tmp):
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, callbacks=[timer], default_root_dir=tmp)
     loader = DataLoader(TensorDataset(train, torch.zeros(len(train))), batch_size=args.batch_size, shuffle=True)
+    model.provide_init_data(train)
     trainer.fit(model, loader)  # on_train_end computes log Z: not inside any epoch
     return model, statistics.median(timer.seconds)
 

@@ -1,21 +1,30 @@
-"""The one contract every family keeps (see DESIGN.md), so evaluation and report never branch on family.
+"""The one contract every family keeps (docs/ARCHITECTURE.md), so the pipeline and evaluation never
+branch on a family's name nor probe it for attributes: everything they may ask is declared here, with
+a default.
 
 Data space: images are float tensors in [0, 1] of shape (C, H, W); vectors are (D,); sequences are
 (T, D) floats or (T,) integer tokens padded with -1. Discrete image data is *dequantised* (uniform noise
 within each of `levels` bins), so every density is a density on the continuous data space and the
 discrete-data NLL bound is `-log p(y) + D log(levels)` (Theis et al. 2016, "A note on the evaluation of
 generative models").
+
+Config: each family declares a `Config` dataclass that owns its defaults (params.yaml agrees with them,
+tests/test_config.py checks it). Enumerated choices are `Literal` types; `build_config` fills the
+defaults, rejects unknown keys and checks every choice, in this one place.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import asdict, dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Literal, Mapping, Optional, Tuple
 
 import pytorch_lightning as pl
 from torch import Tensor
 
-LOG_PROB_KINDS = ("exact", "lower_bound", "estimate")
+LogProbKind = Literal["exact", "lower_bound", "estimate"]
+LOG_PROB_KINDS = typing.get_args(LogProbKind)
 
 
 @dataclass(frozen=True)
@@ -42,33 +51,94 @@ class DataInfo:
         return cls(**{**d, "shape": tuple(d["shape"])})
 
 
-class GenerativeModel(pl.LightningModule):
-    """Base of every family. Subclasses set the class attributes and implement `sample`.
+# --- config ---------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A bad family config value; `key` names the field (the pipeline prefixes the family)."""
 
-    `log_prob(x)` returns the natural-log density of each example in data space; `log_prob_kind`
-    says whether it is exact, a lower bound or a stochastic estimate (None: the family has none).
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def literal_choices(annotation) -> Optional[Tuple]:
+    """The allowed values of a `Literal[...]` (or `Optional[Literal[...]]`) annotation, else None."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union:
+        inner = [literal_choices(a) for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) == 1 and inner[0] is not None:
+            return inner[0] + (None,)
+    return None
+
+
+def build_config(config_cls: type, values: Mapping[str, Any]):
+    """`config_cls` filled from `values` (defaults for the rest). Unknown keys and values outside a
+    field's `Literal` choices raise ConfigError; a Config's `__post_init__` checks its ranges."""
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    for key in values:
+        if key not in names:
+            raise ConfigError(key, f"unknown key (valid: {', '.join(names)})")
+    config = config_cls(**values)
+    hints = typing.get_type_hints(config_cls)
+    for name in names:
+        choices = literal_choices(hints[name])
+        value = getattr(config, name)
+        if choices is not None and value not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}, not {value!r}")
+    return config
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """A range check for a Config's `__post_init__`."""
+    if not condition:
+        raise ConfigError(key, message)
+
+
+# --- the base class -------------------------------------------------------------------------------
+class GenerativeModel(pl.LightningModule):
+    """Base of every family. A family sets the class attributes below, defines `Config` and implements
+    `sample`; the rest of the contract has defaults.
+
+    `log_prob(x)` returns the natural-log density of each example in data space; `log_prob_kind` says
+    whether it is exact, a lower bound or a stochastic estimate (None: the family has none).
     """
 
     family: ClassVar[str] = ""
-    log_prob_kind: ClassVar[Optional[str]] = None
+    Config: ClassVar[type]
+    log_prob_kind: ClassVar[Optional[LogProbKind]] = None
     # EM-style families need every rank to see a disjoint shard of the data with no padding, so that
-    # summed sufficient statistics equal the single-device ones exactly.
+    # summed sufficient statistics equal the single-device ones exactly (the data module then also keeps
+    # the training set's dequantisation noise fixed).
     exact_sharding: ClassVar[bool] = False
     # Parameter sharding (FSDP) makes sense for big gradient-trained nets with automatic optimisation;
     # EM families keep buffers, the RBM and the GAN step their optimisers by hand.
     supports_fsdp: ClassVar[bool] = False
+    # Families initialised from the training set (k-means, data statistics): the pipeline hands it over
+    # with `provide_init_data` before fitting, identically on every rank.
+    needs_init_data: ClassVar[bool] = False
+    # Families whose `sample` takes a `temperature` keyword.
+    takes_temperature: ClassVar[bool] = False
 
-    def __init__(self, cfg: dict, info: dict):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.log_prob_kind is not None and cls.log_prob_kind not in LOG_PROB_KINDS:
+            raise TypeError(f"{cls.__name__}.log_prob_kind must be one of {LOG_PROB_KINDS} or None")
+
+    def __init__(self, cfg: Mapping[str, Any], info: Mapping[str, Any]):
         super().__init__()
-        self.save_hyperparameters({"cfg": dict(cfg), "info": dict(info)}, logger=False)  # the train stage logs the whole config
-        self.cfg = dict(cfg)
-        self.info = DataInfo.from_dict(info)
+        self.config = build_config(self.Config, cfg)
+        self.info = DataInfo.from_dict(dict(info))
+        # the full config, so a checkpoint rebuilds the model whatever the defaults become later;
+        # the train stage logs the whole pipeline config itself
+        self.save_hyperparameters({"cfg": asdict(self.config), "info": self.info.to_dict()}, logger=False)
+        self._init_data: Optional[Tensor] = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["genzoo_family"] = self.family  # lets `genzoo sample` load a bare checkpoint
 
     # --- the contract -------------------------------------------------------------------------
     def sample(self, n: int) -> Tensor:
+        """n samples in data space (images within [0, 1]: see `to_data_space`)."""
         raise NotImplementedError
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -94,6 +164,11 @@ class GenerativeModel(pl.LightningModule):
         """Served through MLflow's pyfunc, a generative model scores data: its anomaly score."""
         return self.anomaly_score(x)
 
+    def sample_quality_every_n_epochs(self) -> Optional[int]:
+        """Keep the checkpoint with the best sample quality (validation FID), measured every this many
+        epochs, instead of the last one; None (the default): the last checkpoint is the model."""
+        return None
+
     @classmethod
     def has_log_prob(cls) -> bool:
         return cls.log_prob_kind is not None
@@ -101,3 +176,19 @@ class GenerativeModel(pl.LightningModule):
     @classmethod
     def has_encoder(cls) -> bool:
         return cls.encode is not GenerativeModel.encode
+
+    # --- helpers for the families -------------------------------------------------------------
+    def to_data_space(self, x: Tensor) -> Tensor:
+        """Model output -> data space: images clipped to [0, 1], anything else unchanged."""
+        return x.clamp(0, 1) if self.info.kind == "image" else x
+
+    def provide_init_data(self, x: Tensor) -> None:
+        """The training set in data space, for a family with `needs_init_data` (kept by reference, not
+        checkpointed: a resumed run restores the initialised parameters instead)."""
+        self._init_data = x
+
+    def init_data(self) -> Tensor:
+        if self._init_data is None:
+            raise RuntimeError(f"{self.family} initialises from the training data: call "
+                               "model.provide_init_data(x_train) before fitting")
+        return self._init_data

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.errors import GenzooError
+from pipeline.evaluation.sample_metrics import fid_kid
 
 
 def _seed_all(*key: int) -> None:
@@ -53,30 +54,28 @@ class FailOnNonFiniteLoss(pl.Callback):
         self._check(trainer, "epoch end")
 
 
-class SampleFID(pl.Callback):
-    """Every `every_n_epochs`, FID of `n` fresh samples against the validation split, logged as `val/fid`;
-    the checkpoint with the best FID so far is saved to `best_path`.
+class BestSampleQuality(pl.Callback):
+    """Every `every_n_epochs`, FID of `n` fresh samples against `real` (the validation split), logged as
+    `val/fid`; the checkpoint with the best FID so far is saved to `best_path`. For the families that
+    declare `sample_quality_every_n_epochs`.
 
     Runs on every rank (each rank's FID of its own samples, averaged across ranks), so every rank takes
     the same save decision and no rank waits on another."""
 
-    def __init__(self, features: torch.nn.Module, best_path, every_n_epochs: int = 5, n: int = 500):
-        self.features, self.best_path, self.every, self.n = features, best_path, every_n_epochs, n
+    def __init__(self, features: torch.nn.Module, real: torch.Tensor, best_path, every_n_epochs: int, n: int = 500):
+        self.features, self.real, self.best_path, self.every, self.n = features, real, best_path, every_n_epochs, n
         self.best = math.inf
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        from lightning_modules.sample_metrics import fid_kid
-
         if trainer.sanity_checking:
             return
         last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
         if (trainer.current_epoch + 1) % self.every and not last:
             return
-        real, _ = trainer.datamodule.split("val")
         with torch.no_grad():
             fake = pl_module.sample(self.n).cpu()
         self.features.to("cpu")
-        fid = fid_kid(self.features, real, fake.clamp(0, 1) if pl_module.info.kind == "image" else fake)["fid"]
+        fid = fid_kid(self.features, self.real, fake)["fid"]
         fid = float(trainer.strategy.reduce(torch.tensor(fid), reduce_op="mean"))
         pl_module.log("val/fid", fid)
         if fid < self.best:

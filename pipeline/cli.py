@@ -1,7 +1,9 @@
-"""`genzoo <command> [key=value ...]`: the pipeline stages and tools behind one console script.
+"""`genzoo <command> [options] [key=value ...]`: the pipeline stages and tools behind one console script.
 
 Every params.yaml key can be overridden in Hydra's grammar (`vae.latent_dim=8 trainer.devices=2`);
-`family=<name>` picks the family. `genzoo train -m vae.beta=0.5,1,2` sweeps (one MLflow run per point).
+`family=<name>` picks the family. `genzoo train -m vae.beta=0.5,1,2` sweeps (one MLflow run per point);
+`genzoo config [key=value ...]` prints the resolved config. `genzoo <command> --help` lists a command's
+options.
 """
 from __future__ import annotations
 
@@ -9,11 +11,9 @@ import argparse
 import itertools
 import os
 import sys
-from typing import List
+from typing import Callable, Dict, List
 
 from pipeline.errors import GenzooError
-
-COMMANDS = ("fetch", "featnet", "train", "evaluate", "report", "sample", "compare", "ui")
 
 
 def _quiet() -> None:
@@ -29,47 +29,48 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# --- the commands ---------------------------------------------------------------------------------
 def cmd_fetch(cfg, args):
-    from pipeline.fetch import fetch
+    from pipeline.stages.fetch import fetch
 
     m = fetch(cfg)
     print(f"fetched {m['dataset']}: " + ", ".join(f"{k} {v['n']}" for k, v in m["splits"].items()))
 
 
 def cmd_featnet(cfg, args):
-    from pipeline.featnet import run_featnet
+    from pipeline.stages.featnet import run_featnet
 
     r = run_featnet(cfg)
     print("featnet: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()))
 
 
 def cmd_train(cfg, args):
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     print(f"trained {cfg.family}: {train(cfg)}")
 
 
 def cmd_evaluate(cfg, args):
-    from pipeline.evaluate import evaluate
+    from pipeline.stages.evaluate import evaluate
 
     r = evaluate(cfg)
     print(f"{cfg.family}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items())))
 
 
 def cmd_report(cfg, args):
-    from pipeline.report import report
+    from pipeline.stages.report import report
 
     print(f"report: {report(cfg)}")
 
 
 def cmd_sample(cfg, args):
-    from pipeline.sample import sample_to_file
+    from pipeline.stages.sample import sample_to_file
 
     print(f"samples: {sample_to_file(args.model, args.n, args.output, args.temperature)}")
 
 
 def cmd_compare(cfg, args):
-    from pipeline.compare import compare
+    from pipeline.stages.compare import compare
 
     compare(cfg, args.runs, args.experiment)
 
@@ -81,19 +82,79 @@ def cmd_ui(cfg, args):
     os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)])
 
 
+def cmd_config(cfg, args):
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+
+
+# --- the parser -----------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genzoo")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _options_train(p):
+    p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated override values (a=1,2 b=x,y)")
+
+
+def _options_sample(p):
+    p.add_argument("--model", help="a checkpoint path or an MLflow model URI (runs:/<id>/model)")
+    p.add_argument("-n", type=int, default=64, help="how many samples (default 64)")
+    p.add_argument("-o", "--output", default="samples.png", help="output PNG, or .pt for the tensor")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature, for families that take one")
+
+
+def _options_compare(p):
+    p.add_argument("--runs", default=None, help="comma-separated MLflow run ids (default: the latest run per family)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: genzoo-<dataset>)")
+
+
+def _options_ui(p):
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+
+
+# command -> (handler, one-line help, its own options)
+COMMANDS: Dict[str, tuple] = {
+    "fetch": (cmd_fetch, "stage: the configured data set -> data/prepared/<dataset>/", None),
+    "featnet": (cmd_featnet, "stage: the FID feature network and the real-data floor", None),
+    "train": (cmd_train, "stage: train one family (family=<name>), logged to MLflow", _options_train),
+    "evaluate": (cmd_evaluate, "stage: score one trained family (family=<name>)", None),
+    "report": (cmd_report, "stage: reports/metrics.json and reports/index.html", None),
+    "sample": (cmd_sample, "draw samples from a checkpoint or an MLflow model", _options_sample),
+    "compare": (cmd_compare, "the comparison table of finished runs, from MLflow", _options_compare),
+    "ui": (cmd_ui, "the MLflow UI over this project's store", _options_ui),
+    "config": (cmd_config, "print the resolved config (params.yaml + overrides)", None),
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=COMMANDS)
-    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    p.add_argument("-m", "--multirun", action="store_true", help="train: sweep comma-separated override values")
-    p.add_argument("--model", help="sample: a checkpoint path or an MLflow model URI (runs:/<id>/model)")
-    p.add_argument("-n", type=int, default=64, help="sample: how many samples")
-    p.add_argument("-o", "--output", default="samples.png", help="sample: output PNG (or .pt for the tensor)")
-    p.add_argument("--temperature", type=float, default=None, help="sample: temperature, for families that take one")
-    p.add_argument("--runs", default=None, help="compare: comma-separated MLflow run ids (default: latest per family)")
-    p.add_argument("--experiment", default=None, help="compare: MLflow experiment name (default: genzoo-<dataset>)")
-    p.add_argument("--port", type=int, default=5000, help="ui: port on 127.0.0.1")
+    p.add_argument("--version", action="version", version=f"genzoo {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, (handler, help_text, options) in COMMANDS.items():
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (Hydra grammar)")
+        if options is not None:
+            options(c)
+        c.set_defaults(handler=handler, multirun=False)
     return p
+
+
+def parse(argv: List[str]) -> argparse.Namespace:
+    """The command's own parser reads everything after the command, with options and overrides in any
+    order (`train -m a=1,2`); argparse's intermixed mode cannot see through subparsers, hence two steps."""
+    top = parser()
+    if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
+        return top.parse_args(argv)  # --help, --version, or a usage error naming the commands
+    sub = next(a for a in top._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 def sweep(overrides: List[str]) -> List[List[str]]:
@@ -109,14 +170,12 @@ def sweep(overrides: List[str]) -> List[List[str]]:
 
 
 def run(argv: List[str]) -> None:
-    args = parser().parse_intermixed_args(argv)  # `train -m a=1,2`: options between positionals
+    args = parse(argv)
     _quiet()
     from pipeline.config import load_config
 
-    handler = globals()[f"cmd_{args.command}"]
+    handler: Callable = args.handler
     points = sweep(args.overrides) if args.multirun else [args.overrides]
-    if args.multirun and args.command != "train":
-        raise GenzooError("-m/--multirun is for `genzoo train`")
     for point in points:
         cfg = load_config(point)
         if len(points) > 1:

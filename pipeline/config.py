@@ -7,6 +7,7 @@ unknown key, family or dataset stops the run before work starts, with one line n
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -16,7 +17,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_modules.contract import ConfigError, build_config, literal_choices
 from lightning_modules.registry import FAMILIES, family_config
+from pipeline.data.sources import validate_dataset_name
 from pipeline.errors import GenzooError
 
 PARAMS_FILE = "params.yaml"
@@ -81,6 +84,25 @@ class TrackingConfig:
     log_model: bool = True
 
 
+def _plain_type(annotation):
+    """OmegaConf has no `Literal`: a choice field is stored as its values' type, and `build_config`
+    checks the choice."""
+    choices = literal_choices(annotation)
+    if choices is None:
+        return annotation
+    value_type = type(next(c for c in choices if c is not None))
+    return Optional[value_type] if None in choices else value_type
+
+
+def omegaconf_schema(config_cls: type) -> type:
+    """A family's Config as a dataclass OmegaConf can hold: same fields and defaults, plain types."""
+    hints = typing.get_type_hints(config_cls)
+    fields = [(f.name, _plain_type(hints[f.name]),
+               field(default=f.default) if f.default_factory is dataclasses.MISSING else field(default_factory=f.default_factory))
+              for f in dataclasses.fields(config_cls)]
+    return dataclasses.make_dataclass(config_cls.__qualname__.replace(".", ""), fields)
+
+
 def schema_class():
     """The full schema: the fixed sections plus one section per registered family."""
     fields = [
@@ -94,7 +116,7 @@ def schema_class():
         ("tracking", TrackingConfig, field(default_factory=TrackingConfig)),
     ]
     for name in FAMILIES:
-        cls = family_config(name)
+        cls = omegaconf_schema(family_config(name))
         fields.append((name, cls, field(default_factory=cls)))
     return dataclasses.make_dataclass("GenzooConfig", fields)
 
@@ -164,11 +186,14 @@ def _merge_checked(cfg: DictConfig, dotted: str, value) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    from pipeline.datasets import validate_dataset_name
-
     for fam in list(cfg.families) + ([cfg.family] if cfg.family else []):
         if fam not in FAMILIES:
             raise GenzooError(f"unknown family '{fam}' (choices: {', '.join(FAMILIES)})")
+    for fam in FAMILIES:  # choices and ranges, checked by the family's own Config
+        try:
+            build_config(family_config(fam), family_section(cfg, fam))
+        except ConfigError as e:
+            raise GenzooError(f"bad value for config key '{fam}.{e.key}': {e.message}") from None
     validate_dataset_name(cfg.data.dataset)
     if cfg.eval.fid.features not in ("featnet", "inception"):
         raise GenzooError(f"eval.fid.features must be featnet or inception, not '{cfg.eval.fid.features}'")

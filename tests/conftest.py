@@ -51,8 +51,9 @@ def _quiet_mlflow(monkeypatch):
 def digits_data_root(tmp_path_factory) -> Path:
     """A data root (`<root>/prepared/digits/`) holding the digits splits, written once per session."""
     from pipeline.config import load_config
-    from pipeline.datasets import load_source, prepared_dir
-    from pipeline.store import write_prepared
+    from pipeline.data.sources import load_source
+    from pipeline.paths import prepared_dir
+    from pipeline.data.store import write_prepared
 
     root = tmp_path_factory.mktemp("digits_data")
     cfg = load_config([f"data.root={root}"], params_file=str(PARAMS))

@@ -73,7 +73,7 @@ def test_trainer_settings_lightning_cannot_run_are_one_clear_error(digits_projec
 
     from pipeline.config import load_config
     from pipeline.errors import GenzooError
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     db = digits_project / "mlflow.db"
     cfg = load_config([f"family={family}", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp",
@@ -92,7 +92,7 @@ def test_nan_loss_ends_the_run_failed_with_no_model(digits_project):
 
     from pipeline.config import load_config
     from pipeline.errors import GenzooError
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     db = digits_project / "mlflow.db"
     cfg = load_config(["family=vae", "trainer.accelerator=cpu", "vae.max_epochs=3", "vae.lr=1e30",

@@ -2,6 +2,7 @@
 inside pytest): one MLflow run however many ranks, finished, with the validation loss and a checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -11,7 +12,7 @@ import torch
 from lightning_modules.vae import VAE
 from pipeline.checkpoints import load_model
 from pipeline.config import load_config
-from pipeline.train import train
+from pipeline.stages.train import train
 
 DDP = ["family=vae", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
        "vae.max_epochs=1", "vae.hidden=32", "vae.channels=8", "vae.iwae_k=8", "data.batch_size=256"]
@@ -50,7 +51,7 @@ def test_ddp_spawn_two_cpu_processes_make_one_finished_run(digits_project, tmp_p
     model = load_model(model_dir / "model.ckpt")
     assert isinstance(model, VAE)
     torch.manual_seed(0)
-    fresh = VAE(dict(model.cfg), model.info.to_dict())
+    fresh = VAE(dataclasses.asdict(model.config), model.info.to_dict())
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     # ... and the weights rank 0 trained: the launcher's model.ckpt equals rank 0's last.ckpt
     last = torch.load(model_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]

@@ -11,11 +11,13 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from pipeline.config import load_config
-from pipeline.datamodule import PreparedDataModule
-from pipeline.datasets import TOYS, load_source, prepared_dir
+from pipeline.data.datamodule import PreparedDataModule
+from pipeline.data.sources import load_source
+from pipeline.data.toy2d import TOYS
+from pipeline.paths import prepared_dir
 from pipeline.errors import GenzooError
-from pipeline.fetch import fetch
-from pipeline.store import sha256, write_prepared
+from pipeline.stages.fetch import fetch
+from pipeline.data.store import sha256, write_prepared
 
 
 def cfg_for(repo_root, root, *overrides):

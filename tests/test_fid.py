@@ -8,8 +8,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from lightning_modules.featnet import ConvFeatures, IdentityFeatures
-from lightning_modules.sample_metrics import extract, fid_kid, precision_recall
+from pipeline.evaluation.featnet import ConvFeatures, IdentityFeatures
+from pipeline.evaluation.sample_metrics import extract, fid_kid, precision_recall
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:

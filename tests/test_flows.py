@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from lightning_modules.flows import (
+from lightning_modules.flow.transforms import (
     MADE, ActNorm, AffineCoupling, Flatten, InvertibleConv1x1, Logit, MaskedAffineAutoregressive, NormalizingFlow,
     Sequential, Split, Squeeze, StandardNormal, channel_mask, checkerboard_mask,
 )
-from lightning_modules.flows.nets import conv_net, mlp
+from lightning_modules.flow.transforms.nets import conv_net, mlp
 
 IMG = (4, 4, 4)
 

@@ -13,11 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.contract import DataInfo
-from lightning_modules.gan import GAN, ema_decay_at, ema_update_
-from lightning_modules.gan_losses import gan_loss
-from lightning_modules.gan_nets import SpectralNorm, build_pair, num_stages
+from lightning_modules.gan.model import GAN, ema_decay_at, ema_update_
+from lightning_modules.gan.losses import gan_loss
+from lightning_modules.common.nets import num_stages
+from lightning_modules.gan.nets import SpectralNorm, build_pair
 from lightning_modules.registry import family_class
-from pipeline.toy2d import EIGHT_GAUSSIANS_RADIUS, EIGHT_GAUSSIANS_STD, eight_gaussians
+from pipeline.data.toy2d import EIGHT_GAUSSIANS_RADIUS, EIGHT_GAUSSIANS_STD, eight_gaussians
 
 VECTOR = {"shape": [2], "kind": "vector"}
 DIGITS = {"shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}
@@ -223,11 +224,13 @@ def test_ema_generator_follows_the_closed_form_and_is_sampled(tmp_path):
 def test_contract_attributes_and_config():
     assert family_class("gan") is GAN
     assert GAN.log_prob_kind is None and not GAN.has_log_prob() and GAN.has_encoder()
-    assert GAN.checkpoint_monitor == ("val/fid", "min")
+    assert GAN({}, VECTOR).sample_quality_every_n_epochs() == GAN.Config().fid_every_n_epochs
     cfg = GAN.Config()
     assert isinstance(cfg.max_epochs, int) and cfg.seed == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_critic"):
         GAN({"n_critic": 0}, VECTOR)
+    with pytest.raises(ValueError, match="loss"):
+        GAN({"loss": "wasserstein"}, VECTOR)
 
 
 def test_checkpoint_round_trip_and_image_contract(tmp_path):
@@ -239,7 +242,7 @@ def test_checkpoint_round_trip_and_image_contract(tmp_path):
     path = tmp_path / "gan.ckpt"
     trainer.save_checkpoint(path)
     loaded = GAN.load_from_checkpoint(path, weights_only=True)
-    assert loaded.cfg == model.cfg and loaded.info == model.info
+    assert loaded.config == model.config and loaded.info == model.info
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()
     assert all(torch.equal(state[k], loaded_state[k]) for k in state)

@@ -15,12 +15,14 @@ from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
 from lightning_modules.contract import DataInfo
-from lightning_modules.gmm import GMM, kmeans_plusplus, lloyd
+from lightning_modules.common.kmeans import kmeans_plusplus, lloyd
+from lightning_modules.gmm import GMM
 from pipeline.config import DataConfig
-from pipeline.datamodule import PreparedDataModule
-from pipeline.datasets import Prepared, digits
-from pipeline.store import write_prepared
-from pipeline.toy2d import eight_gaussians, eight_gaussians_log_density
+from pipeline.data.datamodule import PreparedDataModule
+from pipeline.data.images import digits
+from pipeline.data.prepared import Prepared
+from pipeline.data.store import write_prepared
+from pipeline.data.toy2d import eight_gaussians, eight_gaussians_log_density
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
@@ -38,6 +40,12 @@ def vector_datamodule(tmp_path, x: np.ndarray, batch_size: int = 64) -> Prepared
     p = Prepared({s: (x, y) for s in ("train", "val", "test")}, DataInfo(shape=(x.shape[1],), kind="vector"), "test")
     write_prepared(p, tmp_path / "data", "test", 0)
     return PreparedDataModule(tmp_path / "data", batch_size=batch_size, fixed_train_noise=True, exact_sharding=True)
+
+
+def fit(trainer: pl.Trainer, model: GMM, dm: PreparedDataModule) -> None:
+    """As the train stage does: the training set for the k-means initialisation, then fit."""
+    model.provide_init_data(dm.split("train")[0])
+    trainer.fit(model, dm)
 
 
 def blobs(rng: np.random.Generator, n: int = 400, dim: int = 3, k: int = 3) -> np.ndarray:
@@ -90,7 +98,7 @@ def test_em_through_trainer_matches_sklearn(tmp_path, covariance_type):
     model = gmm_with(weights, means, cov, covariance_type, DataInfo(shape=(3,), kind="vector"),
                      reg_covar=reg, max_epochs=n_iter, tol=0.0)
     trainer = make_trainer(tmp_path, max_epochs=n_iter)
-    trainer.fit(model, vector_datamodule(tmp_path, x))
+    fit(trainer, model, vector_datamodule(tmp_path, x))
     assert trainer.current_epoch == n_iter
 
     def sklearn_fit(max_iter):
@@ -122,7 +130,7 @@ def fit_to_checkpoint(tmp_path, name: str, cfg: dict, **trainer_kw) -> str:
     dm = PreparedDataModule(tmp_path / "digits", batch_size=100, fixed_train_noise=True, exact_sharding=True)
     trainer = make_trainer(tmp_path, max_epochs=cfg["max_epochs"], limit_val_batches=0,
                            use_distributed_sampler=False, **trainer_kw)  # as the pipeline runs EM families
-    trainer.fit(GMM(cfg, dm.info.to_dict()), dm)
+    fit(trainer, GMM(cfg, dm.info.to_dict()), dm)
     trainer.save_checkpoint(tmp_path / f"{name}.ckpt")
     return str(tmp_path / f"{name}.ckpt")
 
@@ -146,7 +154,7 @@ def test_toy2d_density_integrates_to_one_and_matches_truth(tmp_path):
     x, _ = eight_gaussians(4000, np.random.default_rng(0))
     x_test, _ = eight_gaussians(4000, np.random.default_rng(1))
     model = GMM({"n_components": 8, "max_epochs": 50, "tol": 1e-6}, DataInfo(shape=(2,), kind="vector").to_dict())
-    make_trainer(tmp_path, max_epochs=50, limit_val_batches=0).fit(model, vector_datamodule(tmp_path, x, batch_size=1000))
+    fit(make_trainer(tmp_path, max_epochs=50, limit_val_batches=0), model, vector_datamodule(tmp_path, x, batch_size=1000))
 
     grid = np.linspace(-5, 5, 801)
     xx, yy = np.meshgrid(grid, grid, indexing="ij")
@@ -188,11 +196,11 @@ def test_checkpoint_round_trip_weights_only(tmp_path, covariance_type):
     model = GMM({"n_components": 3, "covariance_type": covariance_type, "max_epochs": 2},
                 DataInfo(shape=(3,), kind="vector").to_dict())
     trainer = make_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
-    trainer.fit(model, vector_datamodule(tmp_path, x))
+    fit(trainer, model, vector_datamodule(tmp_path, x))
     trainer.save_checkpoint(tmp_path / "gmm.ckpt")
 
     loaded = GMM.load_from_checkpoint(tmp_path / "gmm.ckpt", weights_only=True)
-    assert loaded.cfg == model.cfg and loaded.info == model.info and bool(loaded.initialized)
+    assert loaded.config == model.config and loaded.info == model.info and bool(loaded.initialized)
     for name in ("weights", "means", "prec_chol"):
         assert torch.equal(getattr(loaded, name), getattr(model, name)), name
     xt = torch.from_numpy(x[:20])
@@ -214,5 +222,5 @@ def test_config_rejects_bad_values():
     info = DataInfo(shape=(2,), kind="vector").to_dict()
     with pytest.raises(ValueError, match="covariance_type"):
         GMM({"covariance_type": "banded"}, info)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="n_component"):  # unknown keys are named
         GMM({"n_component": 3}, info)

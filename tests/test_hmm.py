@@ -12,8 +12,9 @@ from hmmlearn import hmm as hmmlearn
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-from lightning_modules.em_loop import fit_em
-from lightning_modules.hmm import HMM, to_sequences
+from lightning_modules.common.em import fit_em
+from lightning_modules.hmm import HMM
+from lightning_modules.hmm.sequences import to_sequences
 
 N_STATES, DIM, VOCAB = 3, 2, 5
 LENGTHS = [7, 12, 3, 12, 9, 1, 10]
@@ -188,8 +189,8 @@ def test_token_count_counts_unpadded_tokens():
 # --- recovery of a known model -------------------------------------------------------------------------
 def test_recovers_the_true_model_on_hmm_synthetic():
     from pipeline.config import DataConfig
-    from pipeline.datasets import load_source
-    from pipeline.hmm_synthetic import N_STATES as TRUE_STATES, random_hmm
+    from pipeline.data.sources import load_source
+    from pipeline.data.hmm_synthetic import N_STATES as TRUE_STATES, random_hmm
 
     dcfg = DataConfig(dataset="hmm_synthetic", seed=0)
     p = load_source(dcfg)
@@ -212,8 +213,8 @@ def test_recovers_the_true_model_on_hmm_synthetic():
 @pytest.fixture(scope="module")
 def synthetic_folder(tmp_path_factory):
     from pipeline.config import DataConfig
-    from pipeline.datasets import load_source
-    from pipeline.store import write_prepared
+    from pipeline.data.sources import load_source
+    from pipeline.data.store import write_prepared
 
     folder = tmp_path_factory.mktemp("hmm_synthetic") / "prepared"
     write_prepared(load_source(DataConfig(dataset="hmm_synthetic")), folder, "hmm_synthetic", 0)
@@ -221,13 +222,14 @@ def synthetic_folder(tmp_path_factory):
 
 
 def fit_lightning(folder, root, **trainer_kwargs) -> HMM:
-    from pipeline.datamodule import PreparedDataModule
+    from pipeline.data.datamodule import PreparedDataModule
 
     dm = PreparedDataModule(folder, batch_size=200, exact_sharding=True, fixed_train_noise=True)
     model = HMM({"n_states": 4, "max_epochs": 3, "tol": 0.0}, dm.info.to_dict())
     trainer = pl.Trainer(max_epochs=3, default_root_dir=root, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=1, use_distributed_sampler=False, **trainer_kwargs)
+    model.provide_init_data(dm.split("train")[0])
     trainer.fit(model, datamodule=dm)
     return model, trainer
 
@@ -261,14 +263,29 @@ def test_checkpoint_round_trip_weights_only(synthetic_folder, tmp_path):
     trainer.save_checkpoint(path)
     loaded = HMM.load_from_checkpoint(path, weights_only=True)
     x = torch.from_numpy(np.load(synthetic_folder / "test_x.npy")[:20])
-    assert loaded.cfg == model.cfg and loaded.emission.covariance_type == "full"
+    assert loaded.config == model.config and loaded.emission.covariance_type == "full"
     np.testing.assert_array_equal(loaded.log_prob(x).numpy(), model.log_prob(x).numpy())
     np.testing.assert_array_equal(loaded.viterbi(x).numpy(), model.viterbi(x).numpy())
 
 
 # --- generative classification ------------------------------------------------------------------------
-def test_one_hmm_per_class_classifies_digits_rows():
-    from lightning_modules.hmm_classifier import digits_rows_accuracy
+def digits_rows_accuracy(cfg: dict, seed: int = 0) -> float:
+    """Test accuracy of one HMM per class on `digits_rows` (8 steps of 8-pixel rows, dequantised with seeded noise)."""
+    from lightning_modules.hmm.classifier import fit_class_models, predict
+    from pipeline.config import DataConfig
+    from pipeline.data.datamodule import dequantize
+    from pipeline.data.sources import load_source
 
+    p = load_source(DataConfig(dataset="digits_rows", seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    (xtr, ytr), (xte, yte) = [(dequantize(torch.from_numpy(x), p.info.levels, g), torch.from_numpy(y))
+                              for x, y in (p.splits["train"], p.splits["test"])]
+    k = p.info.num_classes
+    models = fit_class_models(xtr, ytr, k, cfg, p.info.to_dict())
+    log_prior = torch.log(torch.bincount(ytr, minlength=k).double() / len(ytr))
+    return (predict(models, xte, log_prior) == yte).double().mean().item()
+
+
+def test_one_hmm_per_class_classifies_digits_rows():
     acc = digits_rows_accuracy({"n_states": 8, "covariance_type": "full", "reg_covar": 1e-2, "max_epochs": 30})
     assert acc > 0.9, acc

@@ -78,6 +78,7 @@ def fit(model, x, tmp_path, epochs):
     pl.seed_everything(0)
     trainer = pl.Trainer(max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
+    model.provide_init_data(x)
     trainer.fit(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=128, shuffle=True))
     return trainer
 
@@ -261,6 +262,7 @@ def test_trains_under_ddp_spawn(tmp_path):
     w0 = model.W.detach().clone()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", default_root_dir=tmp_path,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    model.provide_init_data(train)
     trainer.fit(model, DataLoader(TensorDataset(train, torch.zeros(len(train))), batch_size=128))
     assert bool(model.data_ready) and bool(model.log_z_exact) and torch.isfinite(model.log_z)
     assert not torch.equal(model.W.detach(), w0)

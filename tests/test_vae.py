@@ -72,7 +72,7 @@ def ppca_vae(d=6, latent=2, seed=0):
 def decoder_params(model):
     W = model.decoder[0].weight.detach().numpy()  # (D, L)
     b = model.decoder[0].bias.detach().numpy()
-    sigma = float(model.log_scale.clamp(min=model.cfg["min_log_scale"]).exp())
+    sigma = float(model.log_scale.clamp(min=model.config.min_log_scale).exp())
     return W, b, sigma
 
 
@@ -203,7 +203,7 @@ def test_sample_encode_log_prob_shapes(info, arch, likelihood):
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 def test_checkpoint_round_trip_weights_only(tmp_path, digits_folder):
-    from pipeline.datamodule import PreparedDataModule
+    from pipeline.data.datamodule import PreparedDataModule
 
     dm = PreparedDataModule(digits_folder, batch_size=64)
     torch.manual_seed(0)
@@ -219,7 +219,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path, digits_folder):
     assert raw["genzoo_family"] == "vae"
     for loaded in (load_model(path), load_model(path, VAE)):
         assert type(loaded) is VAE and not loaded.training
-        assert loaded.cfg == model.cfg and loaded.info == model.info
+        assert loaded.config == model.config and loaded.info == model.info
         sd, ref = loaded.state_dict(), model.state_dict()
         assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
         x = dm.split("test")[0][:16]

@@ -1,0 +1,4 @@
+"""Restricted Boltzmann machine, trained by contrastive divergence."""
+from lightning_modules.rbm.model import RBM
+
+__all__ = ["RBM"]

@@ -1,0 +1,45 @@
+"""The data sources registry: dataset name -> a loader `(data config, rng) -> Prepared`. Every source
+is listed here, so `data.dataset` is validated against one dict; `load_source` applies the hold-out."""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import numpy as np
+
+from pipeline.data import hmm_synthetic, text, toy2d
+from pipeline.data.images import TORCHVISION, digits, digits_rows, torchvision_source
+from pipeline.data.prepared import Prepared
+from pipeline.errors import GenzooError
+
+SOURCES: Dict[str, Callable] = {
+    "digits": digits,
+    "digits_rows": digits_rows,
+    **{name: torchvision_source(name) for name in TORCHVISION},
+    "text": text.text,
+    **{f"toy2d:{name}": toy2d.toy_source(name) for name in toy2d.TOYS},
+    "hmm_synthetic": hmm_synthetic.load,
+}
+
+
+def validate_dataset_name(name: str) -> None:
+    if name not in SOURCES:
+        raise GenzooError(f"unknown dataset '{name}' for data.dataset (choices: {', '.join(SOURCES)})")
+
+
+def load_source(dcfg) -> Prepared:
+    validate_dataset_name(dcfg.dataset)
+    rng = np.random.default_rng(dcfg.seed)
+    prepared = SOURCES[dcfg.dataset](dcfg, rng)
+    if dcfg.holdout_class is not None:
+        prepared = hold_out_class(prepared, int(dcfg.holdout_class))
+    return prepared
+
+
+def hold_out_class(p: Prepared, cls: int) -> Prepared:
+    """Remove one class from every split; its test examples become the `holdout` (anomaly) split."""
+    if p.info.num_classes is None or not 0 <= cls < p.info.num_classes:
+        raise GenzooError(f"data.holdout_class={cls} is not a class of this dataset")
+    splits = {k: (x[y != cls], y[y != cls]) for k, (x, y) in p.splits.items()}
+    x, y = p.splits["test"]
+    splits["holdout"] = (x[y == cls], y[y == cls])
+    return Prepared(splits, p.info, p.source, {**p.extra, "holdout_class": cls})

@@ -1,0 +1,136 @@
+"""Every test metric, computed through the family contract only (no branch on the family).
+
+Likelihoods: the continuous NLL of dequantised data plus D·ln(levels) bounds the discrete-data NLL
+(Theis et al. 2016), reported in nats per example and bits per dimension.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_modules.contract import DataInfo, GenerativeModel
+from pipeline.evaluation.sample_metrics import extract, fid_kid, precision_recall
+
+
+@torch.no_grad()
+def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([fn(chunk).detach().cpu() for chunk in x.split(batch_size)])
+
+
+def likelihood_metrics(model: GenerativeModel, x: Tensor, info: DataInfo, batch_size: int) -> Dict[str, float]:
+    log_p = batched(model.log_prob, x, batch_size).double()
+    nll = -log_p.mean().item()
+    if info.levels is not None:
+        nll += info.dim * math.log(info.levels)
+    out = {"nll": nll, "bpd": nll / (info.dim * math.log(2))}
+    if model.token_count(x[:1]) is not None:  # sequence models over tokens: perplexity per token
+        tokens = batched(model.token_count, x, batch_size).double().sum().item()
+        out["perplexity"] = math.exp(-log_p.sum().item() / tokens)
+        out["bpd"] = -log_p.sum().item() / tokens / math.log(2)  # bits per token
+    return out
+
+
+@torch.no_grad()
+def timed_samples(model: GenerativeModel, n: int, batch_size: int):
+    start = time.perf_counter()
+    parts, left = [], n
+    while left > 0:
+        parts.append(model.sample(min(batch_size, left)).detach().cpu())
+        left -= len(parts[-1])
+    seconds = time.perf_counter() - start
+    return torch.cat(parts), n / seconds
+
+
+def corrupted(x: Tensor, info: DataInfo, generator: torch.Generator) -> Dict[str, Tensor]:
+    """Out-of-distribution versions of the test set: uniform noise, and (images) upside-down flips."""
+    lo, hi = x.amin(dim=0), x.amax(dim=0)
+    noise = lo + (hi - lo) * torch.rand(x.shape, generator=generator)
+    out = {"noise": noise}
+    if info.kind == "image":
+        out["flip"] = x.flip(-2)
+    return out
+
+
+def anomaly_metrics(model: GenerativeModel, test: Tensor, anomalies: Dict[str, Tensor], batch_size: int):
+    """AUROC of the anomaly score, normal test examples (label 0) vs each anomaly set and all together."""
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+    normal = batched(model.anomaly_score, test, batch_size)
+    metrics, curves = {}, {}
+    scores = {name: batched(model.anomaly_score, a, batch_size) for name, a in anomalies.items()}
+    scores["all"] = torch.cat(list(scores.values()))
+    for name, s in scores.items():
+        score = torch.cat([normal, s]).double()
+        score = torch.nan_to_num(score, nan=float("inf"), posinf=float("inf"))
+        score = torch.where(torch.isinf(score), torch.full_like(score, 1e300), score)
+        label = torch.cat([torch.zeros(len(normal)), torch.ones(len(s))]).long()
+        key = "anomaly_auroc" if name == "all" else f"anomaly_auroc_{name}"
+        metrics[key] = binary_auroc(score, label).item()
+        if name == "all":
+            fpr, tpr, _ = binary_roc(score, label)
+            curves["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    return metrics, curves
+
+
+def probe_metrics(model: GenerativeModel, train, test, batch_size: int, seed: int) -> Dict[str, float]:
+    """Logistic-regression probe on encode(x): all training labels, and 10 labels per class."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    (xtr, ytr), (xte, yte) = train, test
+    ftr = batched(model.encode, xtr, batch_size).flatten(1).double().numpy()
+    fte = batched(model.encode, xte, batch_size).flatten(1).double().numpy()
+    ytr, yte = ytr.numpy(), yte.numpy()
+    scaler = StandardScaler().fit(ftr)
+    ftr, fte = scaler.transform(ftr), scaler.transform(fte)
+    rng = np.random.default_rng(seed)
+    few = np.concatenate([rng.permutation(np.flatnonzero(ytr == c))[:10] for c in np.unique(ytr)])
+    out = {}
+    for key, idx in (("probe_acc", np.arange(len(ytr))), ("probe_acc_10", few)):
+        clf = LogisticRegression(max_iter=2000, C=1.0).fit(ftr[idx], ytr[idx])
+        out[key] = float((clf.predict(fte) == yte).mean())
+    return out
+
+
+def sample_quality(features, test: Tensor, samples: Tensor, ecfg) -> Dict[str, float]:
+    """FID, KID and k-NN precision / recall of `samples` against `test`, in the feature space."""
+    out = fid_kid(features, test, samples, ecfg.kid_subset_size, ecfg.kid_subsets, ecfg.batch_size)
+    out.update(precision_recall(extract(features, test), extract(features, samples)))
+    return out
+
+
+def real_data_floor(features, dm, ecfg) -> Dict[str, float]:
+    """The sample-quality metrics of the test split against the train split: how far real data is from
+    itself, a floor no model can be expected to beat."""
+    torch.manual_seed(ecfg.seed)
+    return sample_quality(features, dm.split("test")[0], dm.split("train")[0], ecfg)
+
+
+def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg) -> tuple:
+    """All metrics for one trained model: (scalar metrics, curves, samples)."""
+    info, bs = dm.info, ecfg.batch_size
+    torch.manual_seed(ecfg.seed)
+    test_x, test_y = dm.split("test")
+    metrics, curves = {}, {}
+    if model.has_log_prob():
+        metrics.update(likelihood_metrics(model, test_x, info, bs))
+    samples, per_second = timed_samples(model, ecfg.n_samples, bs)
+    metrics["samples_per_second"] = per_second
+    if features is not None:
+        metrics.update(sample_quality(features, test_x, samples, ecfg))
+    if info.kind in ("image", "vector"):
+        g = torch.Generator().manual_seed(ecfg.seed)
+        anomalies = corrupted(test_x, info, g)
+        if dm.has_split("holdout"):
+            anomalies["holdout"] = dm.split("holdout")[0]
+        m, c = anomaly_metrics(model, test_x, anomalies, bs)
+        metrics.update(m)
+        curves.update(c)
+    if model.has_encoder() and info.num_classes:
+        metrics.update(probe_metrics(model, dm.split("train"), (test_x, test_y), bs, ecfg.seed))
+    return metrics, curves, samples

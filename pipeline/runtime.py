@@ -1,0 +1,47 @@
+"""Building what a stage runs: the data module a family trains on and the Lightning Trainer, from the
+config, in one place."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from pipeline.data.datamodule import PreparedDataModule
+from pipeline.errors import GenzooError
+from pipeline.paths import prepared_dir
+
+
+def datamodule_for(cfg, cls=None, batch_size=None) -> PreparedDataModule:
+    """The prepared data, served as family `cls` needs it (exact shards and fixed noise for EM)."""
+    exact = bool(cls is not None and cls.exact_sharding)
+    return PreparedDataModule(prepared_dir(cfg.data), batch_size=batch_size or cfg.data.batch_size, seed=cfg.trainer.seed,
+                              num_workers=cfg.data.num_workers, fixed_train_noise=exact, exact_sharding=exact)
+
+
+def build_trainer(cfg, max_epochs: int, default_root_dir: Path, **kwargs) -> pl.Trainer:
+    """A Trainer from the `trainer` section (its `max_epochs` overrides the stage's); progress bars only on
+    a terminal. A setting Lightning refuses becomes one error line naming the trainer keys."""
+    t = cfg.trainer
+    args = dict(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        precision=t.precision, max_epochs=t.max_epochs or max_epochs, deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_n_steps, default_root_dir=str(default_root_dir),
+        enable_progress_bar=sys.stdout.isatty(), enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    try:
+        return pl.Trainer(**{**args, **kwargs})
+    except (ValueError, MisconfigurationException) as e:  # e.g. fsdp on a CPU, devices=3 with 2 GPUs
+        raise GenzooError(f"trainer settings (trainer.accelerator={t.accelerator}, trainer.devices={t.devices}, "
+                          f"trainer.strategy={t.strategy}): {str(e).splitlines()[0]}") from None
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory where training ran on CUDA, else the process's peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

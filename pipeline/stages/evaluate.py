@@ -1,0 +1,60 @@
+"""Stage `evaluate@<family>`: reopen the family's MLflow run, score the model through the contract,
+log `test/*` metrics and the sample grid, write `reports/families/<family>.json` (only when everything worked)."""
+from __future__ import annotations
+
+import json
+
+from lightning_modules.registry import family_class
+from pipeline import tracking
+from pipeline.checkpoints import load_model
+from pipeline.config import require_family
+from pipeline.errors import GenzooError
+from pipeline.evaluation.features import feature_extractor
+from pipeline.evaluation.scoring import score
+from pipeline.paths import STATE_FILE, family_report_path, models_dir, samples_png
+from pipeline.plots import save_samples
+from pipeline.runtime import datamodule_for
+
+PERF_METRICS = ("samples_per_second", "train_seconds", "parameters", "peak_memory_mb")
+
+
+def metric_name(key: str) -> str:
+    """MLflow name of a metric: `perf/<key>` for costs, `test/<key>` for the rest (DESIGN.md)."""
+    return f"perf/{key}" if key in PERF_METRICS else f"test/{key}"
+
+
+def evaluate(cfg) -> dict:
+    family = require_family(cfg)
+    cls = family_class(family)
+    out = family_report_path(family)
+    out.unlink(missing_ok=True)
+    model_dir = models_dir(cfg, family)
+    run = tracking.read_run_file(model_dir)
+    if run is None:
+        raise GenzooError(f"{model_dir / tracking.RUN_FILE} not found: run `genzoo train family={family}` first")
+    state = json.loads((model_dir / STATE_FILE).read_text())
+    if not state.get("finished"):
+        raise GenzooError(f"{model_dir}: training did not finish; re-run `genzoo train family={family}`")
+
+    import mlflow
+
+    tracking.client(cfg)
+    with mlflow.start_run(run_id=run["run_id"]):
+        with tracking.failing_marks_run(cfg, lambda: run["run_id"]):
+            model = load_model(model_dir / "model.ckpt", cls)
+            dm = datamodule_for(cfg, cls)
+            metrics, curves, samples = score(model, dm, feature_extractor(cfg, dm.info), cfg.eval)
+            metrics.update(state.get("cost", {}))
+            grid = save_samples(samples, dm.info.kind, samples_png(family), cfg.eval.grid_size)
+            mlflow.log_metrics({metric_name(k): v for k, v in metrics.items() if k not in state.get("cost", {})})
+            mlflow.set_tag("test/nll_kind", cls.log_prob_kind or "n/a")
+            mlflow.log_artifact(str(grid), artifact_path="samples")
+            if cfg.tracking.log_model:
+                from pipeline.checkpoints import log_mlflow_model
+
+                log_mlflow_model(model, samples[:4])
+    result = {"family": family, "nll_kind": cls.log_prob_kind, "run_id": run["run_id"], "metrics": metrics,
+              "curves": curves, "samples_png": str(grid)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return result

@@ -1,0 +1,188 @@
+"""Stage `report`: `reports/metrics.json` (DVC metrics), DVC plot data, and `reports/index.html`
+(one self-contained page: comparison table, samples, training and ROC curves, config and commit);
+one parent MLflow run per pipeline run holds the report and adopts the family runs as children."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Dict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from pipeline import tracking  # noqa: E402
+from pipeline.errors import GenzooError  # noqa: E402
+from pipeline.evaluation.comparison import FLOOR_ROW, best_per_column, cell, used_columns  # noqa: E402
+from pipeline.paths import FEATNET_REPORT, INDEX_HTML, METRICS_JSON, PLOTS, family_report_path  # noqa: E402
+
+CURVE_KEYS = ("train/loss", "val/loss", "val/fid")
+
+
+def load_results(cfg) -> Dict[str, dict]:
+    results = {}
+    for family in cfg.families:
+        path = family_report_path(family)
+        if not path.is_file():
+            raise GenzooError(f"{path} not found: run `genzoo evaluate family={family}` first")
+        results[family] = json.loads(path.read_text())
+    return results
+
+
+def table_rows(results: Dict[str, dict], floor: dict) -> Dict[str, dict]:
+    rows = {f: {**r["metrics"], "nll_kind": r["nll_kind"]} for f, r in results.items()}
+    floor_metrics = {k: v for k, v in floor.items() if k in ("fid", "kid_mean", "precision", "recall")}
+    if floor_metrics:
+        rows[FLOOR_ROW] = floor_metrics
+    return rows
+
+
+def metric_histories(cfg, results: Dict[str, dict]) -> Dict[str, Dict[str, list]]:
+    c = tracking.client(cfg)
+    out = {}
+    for family, r in results.items():
+        out[family] = {}
+        for key in CURVE_KEYS:
+            hist = sorted(c.get_metric_history(r["run_id"], key), key=lambda m: m.step)
+            if hist:
+                out[family][key] = [(m.step, m.value) for m in hist]
+    return out
+
+
+def write_dvc_plots(histories) -> None:
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    for family, curves in histories.items():
+        rows = [{"step": s, "val_loss": v} for s, v in curves.get("val/loss", [])]
+        (PLOTS / f"{family}.json").write_text(json.dumps(rows, indent=0) + "\n")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _file_png(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def curves_figure(histories) -> str:
+    families = [f for f in histories if histories[f]]
+    cols = min(3, max(len(families), 1))
+    rows = max(1, -(-len(families) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(families):]:
+        ax.set_visible(False)
+    for ax, family in zip(axes.flat, families):
+        for key in ("train/loss", "val/loss"):
+            pts = histories[family].get(key)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
+        ax.set_title(family)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def roc_figure(results) -> str:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for family, r in results.items():
+        roc = r.get("curves", {}).get("roc")
+        if roc:
+            auroc = r["metrics"].get("anomaly_auroc", float("nan"))
+            ax.plot(roc["fpr"], roc["tpr"], label=f"{family} ({auroc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("anomaly detection ROC")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def html_table(rows: Dict[str, dict]) -> str:
+    cols = used_columns(rows)
+    best = best_per_column(rows)
+    head = "".join(f"<th>{html.escape(c.title)}</th>" for c in cols)
+    body = []
+    for family, row in rows.items():
+        cells = []
+        for c in cols:
+            mark = ' class="best"' if best.get(c.key) == family else ""
+            cells.append(f"<td{mark}>{html.escape(cell(row, c))}</td>")
+        cls = ' class="floor"' if family == FLOOR_ROW else ""
+        body.append(f"<tr{cls}><th>{html.escape(family)}</th>{''.join(cells)}</tr>")
+    return f"<table><thead><tr><th>family</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>genzoo report: {dataset}</title><style>
+body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;font-size:14px}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} thead th{{background:#f0f0f0}}
+tbody th{{text-align:left}} td.best{{background:#d8f5d0;font-weight:bold}} tr.floor{{color:#666;font-style:italic}}
+.grids{{display:flex;flex-wrap:wrap;gap:1em}} figure{{margin:0;text-align:center}} pre{{background:#f7f7f7;padding:1em;font-size:12px}}
+</style></head><body>
+<h1>genzoo: generative families on <code>{dataset}</code></h1>
+<p>Git commit <code>{commit}</code>. Best value per column in <b>green</b>; <i>n/a</i> where a metric has no meaning
+for a family. NLL is in nats per example on the discrete data (bits/dim likewise); its kind says whether it is exact,
+a lower bound on the log-likelihood (so an upper bound on NLL) or a stochastic estimate. The <i>real data</i> row is the
+test split scored against the train split: the floor no model is expected to beat.{featnet_note}</p>
+{table}
+<h2>Samples</h2><div class="grids">{grids}</div>
+<h2>Training curves</h2><img src="{curves}" style="max-width:100%" alt="training curves">
+<h2>Anomaly detection</h2><img src="{roc}" alt="ROC curves">
+<h2>Config</h2><pre>{config}</pre>
+</body></html>
+"""
+
+
+def write_html(cfg, results, rows, histories, floor) -> Path:
+    grids = "".join(
+        f'<figure><img src="{_file_png(r["samples_png"])}" width="240" alt="{f} samples"><figcaption>{html.escape(f)}</figcaption></figure>'
+        for f, r in results.items() if Path(r["samples_png"]).is_file()
+    )
+    note = f" FID features: featnet classifier (test accuracy {floor['accuracy']:.3f})." if "accuracy" in floor else ""
+    page = PAGE.format(dataset=html.escape(cfg.data.dataset), commit=tracking.git_commit(), table=html_table(rows),
+                       grids=grids, curves=curves_figure(histories), roc=roc_figure(results),
+                       config=html.escape(OmegaConf.to_yaml(cfg, resolve=True)), featnet_note=note)
+    INDEX_HTML.write_text(page)
+    return INDEX_HTML
+
+
+def metrics_json(results, floor) -> dict:
+    out = {f: {"nll_kind": r["nll_kind"] or "n/a", **r["metrics"]} for f, r in results.items()}
+    if floor:
+        out["real_data"] = floor
+    return out
+
+
+def parent_run(cfg, results, files) -> str:
+    """One parent run per pipeline run: holds the report; the family runs become its children."""
+    c = tracking.client(cfg)
+    exp = c.get_experiment_by_name(tracking.experiment_name(cfg))
+    run = c.create_run(exp.experiment_id, run_name=f"pipeline {cfg.data.dataset}",
+                       tags={"genzoo.role": "pipeline", "genzoo.dataset": cfg.data.dataset,
+                             "genzoo.git_commit": tracking.git_commit()})
+    for r in results.values():
+        c.set_tag(r["run_id"], "mlflow.parentRunId", run.info.run_id)
+    for f in files:
+        c.log_artifact(run.info.run_id, str(f), artifact_path="report")
+    c.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def report(cfg) -> Path:
+    results = load_results(cfg)
+    floor = json.loads(FEATNET_REPORT.read_text()) if FEATNET_REPORT.is_file() else {}
+    rows = table_rows(results, floor)
+    histories = metric_histories(cfg, results)
+    write_dvc_plots(histories)
+    METRICS_JSON.write_text(json.dumps(metrics_json(results, floor), indent=2, sort_keys=True) + "\n")
+    page = write_html(cfg, results, rows, histories, floor)
+    parent_run(cfg, results, [METRICS_JSON, page])
+    return page

@@ -1,0 +1,121 @@
+"""Stage `train@<family>`: seed -> data -> model -> callbacks -> logger -> trainer -> fit -> checkpoint.
+
+Outputs in `data/models/<family>/`: `model.ckpt` (what evaluate loads), `last.ckpt` (for resuming),
+`mlflow_run.json` (the run evaluate reopens) and `state.json` (config hash, finished or not). A run
+interrupted with the same config resumes from `last.ckpt` into the same MLflow run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_modules.registry import FAMILIES, family_class
+from pipeline import tracking
+from pipeline.callbacks import BestSampleQuality, FailOnNonFiniteLoss, ReseedEachStep
+from pipeline.config import family_section, flatten, require_family
+from pipeline.errors import GenzooError
+from pipeline.evaluation.features import feature_extractor
+from pipeline.paths import STATE_FILE, models_dir
+from pipeline.run_logger import ResumableMLFlowLogger
+from pipeline.runtime import build_trainer, datamodule_for, peak_memory_mb
+
+
+def config_hash(cfg, family: str) -> str:
+    relevant = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "trainer", family)}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resume_point(cfg, family: str, model_dir: Path):
+    """(checkpoint, run id) to resume from, or (None, None) for a fresh start (which clears the folder)."""
+    state_path = model_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    last = model_dir / "last.ckpt"
+    same_config = state.get("config_hash") == config_hash(cfg, family)
+    interrupted = same_config and not state.get("finished", True) and last.is_file()
+    if cfg.resume and not last.is_file():
+        raise GenzooError(f"resume=true but {last} does not exist")
+    if cfg.resume or interrupted:
+        return last, state.get("run_id")
+    return None, None
+
+
+def train(cfg) -> Path:
+    family = require_family(cfg)
+    cls = family_class(family)
+    if "fsdp" in str(cfg.trainer.strategy) and not cls.supports_fsdp:
+        sharding = [f for f in FAMILIES if family_class(f).supports_fsdp]
+        raise GenzooError(f"trainer.strategy={cfg.trainer.strategy}: {family} does not shard its parameters; "
+                          f"use ddp (FSDP is for {', '.join(sharding)})")
+    model_dir = models_dir(cfg, family)
+    resume_ckpt, resume_run = _resume_point(cfg, family, model_dir)
+
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    dm = datamodule_for(cfg, cls)
+    model = cls(family_section(cfg, family), dm.info.to_dict())
+    if cls.needs_init_data:
+        model.provide_init_data(dm.split("train")[0])
+
+    tracking.ensure_store(tracking.tracking_uri(cfg), tracking.experiment_name(cfg))
+    logger = ResumableMLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
+                          run_id=resume_run, tags=None if resume_run else tracking.run_tags(cfg, family, dm.manifest),
+                          log_model=False)
+    callbacks = [ReseedEachStep(cfg.trainer.seed), FailOnNonFiniteLoss(),
+                 # no monitor + top-1: `last.ckpt` rewritten (atomically) after every epoch, the resume point
+                 ModelCheckpoint(dirpath=model_dir, filename="last", save_top_k=1, enable_version_counter=False)]
+    every = model.sample_quality_every_n_epochs()
+    features = feature_extractor(cfg, dm.info) if every else None
+    if features is not None:
+        callbacks.append(BestSampleQuality(features, dm.split("val")[0], model_dir / "best.ckpt", every))
+    # the data module shards per rank itself (pipeline.datamodule), so Lightning must not re-wrap it
+    trainer = build_trainer(cfg, model.config.max_epochs, model_dir, logger=logger, callbacks=callbacks,
+                            use_distributed_sampler=False)
+
+    if trainer.is_global_zero:
+        if resume_ckpt is None:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        if resume_ckpt is None:  # a resumed run already holds its params (MLflow params are write-once)
+            logger.log_hyperparams({k: v for k, v in flatten(cfg).items() if k != "resume"})
+        (model_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        tracking.write_run_file(model_dir, logger.run_id, logger.experiment_id, tracking.tracking_uri(cfg))
+        _write_state(model_dir, cfg, family, logger.run_id, finished=False)
+
+    fit_model = torch.compile(model) if cfg.trainer.compile else model
+    start = time.perf_counter()
+    with tracking.failing_marks_run(cfg, lambda: logger.run_id if trainer.is_global_zero else None):
+        trainer.fit(fit_model, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        if trainer.interrupted:
+            raise GenzooError("training was interrupted")
+        seconds = time.perf_counter() - start
+        final = model_dir / "model.ckpt"
+        trainer.save_checkpoint(final)
+        if trainer.is_global_zero:
+            best = model_dir / "best.ckpt"
+            if best.is_file():
+                shutil.copyfile(best, final)
+            cost = {"train_seconds": seconds, "parameters": float(model.n_parameters()),
+                    "peak_memory_mb": peak_memory_mb()}
+            _log_outputs(logger, model_dir, cost)
+            _write_state(model_dir, cfg, family, logger.run_id, finished=True, cost=cost)
+    return model_dir
+
+
+def _log_outputs(logger: ResumableMLFlowLogger, model_dir: Path, cost: dict) -> None:
+    run_id, exp = logger.run_id, logger.experiment
+    for k, v in cost.items():
+        exp.log_metric(run_id, f"perf/{k}", v)
+    exp.log_artifact(run_id, str(model_dir / "config.yaml"))
+    exp.log_artifact(run_id, str(model_dir / "model.ckpt"), artifact_path="checkpoint")
+
+
+def _write_state(model_dir: Path, cfg, family: str, run_id: str, finished: bool, cost=None) -> None:
+    state = {"config_hash": config_hash(cfg, family), "run_id": run_id, "finished": finished, "cost": cost or {}}
+    (model_dir / STATE_FILE).write_text(json.dumps(state) + "\n")
