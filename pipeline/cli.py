@@ -11,7 +11,7 @@ import argparse
 import itertools
 import os
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 from pipeline.errors import GenzooError
 
@@ -132,29 +132,36 @@ COMMANDS: Dict[str, tuple] = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"genzoo {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="<command>", required=True)
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`genzoo train: error: unrecognized arguments: --port`), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def parsers() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's own."""
+    top = Parser(prog="genzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="version", version=f"genzoo {_version()}")
+    sub = top.add_subparsers(dest="command", metavar="<command>", required=True, parser_class=Parser)
+    commands = {}
     for name, (handler, help_text, options) in COMMANDS.items():
         c = sub.add_parser(name, help=help_text, description=help_text)
         c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (Hydra grammar)")
         if options is not None:
             options(c)
-        c.set_defaults(handler=handler, multirun=False)
-    return p
+        c.set_defaults(handler=handler, multirun=False, command=name)
+        commands[name] = c
+    return top, commands
 
 
 def parse(argv: List[str]) -> argparse.Namespace:
     """The command's own parser reads everything after the command, with options and overrides in any
     order (`train -m a=1,2`); argparse's intermixed mode cannot see through subparsers, hence two steps."""
-    top = parser()
-    if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
+    top, commands = parsers()
+    if not argv or argv[0] not in commands:
         return top.parse_args(argv)  # --help, --version, or a usage error naming the commands
-    sub = next(a for a in top._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
-    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
-    args.command = argv[0]
-    return args
+    return commands[argv[0]].parse_intermixed_args(argv[1:])
 
 
 def sweep(overrides: List[str]) -> List[List[str]]:

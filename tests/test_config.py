@@ -2,11 +2,13 @@
 with one GenzooError line that names the offending key or value."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
 import yaml
 
+from lightning_modules.registry import FAMILIES, family_class
 from pipeline.config import flatten, load_config
 from pipeline.errors import GenzooError
 
@@ -79,3 +81,21 @@ def test_missing_or_invalid_params_file(tmp_path):
 def test_sweep_override_outside_multirun_is_refused(params):
     with pytest.raises(GenzooError, match="sweep"):
         load_config(["vae.beta=0.5,1"], params_file=str(params))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_params_yaml_agrees_with_the_family_config_defaults(repo_root, family):
+    """One source of truth: each family's Config owns its defaults and params.yaml states exactly them,
+    key for key and value for value, so a run from Python and a run from the pipeline train the same model."""
+    section = yaml.safe_load((repo_root / "params.yaml").read_text())[family]
+    defaults = dataclasses.asdict(family_class(family).Config())
+    assert list(section) == list(defaults), "same keys, in the Config's order"
+    assert section == defaults
+
+
+def test_a_bad_choice_or_range_in_a_family_section_is_one_line(params):
+    for override, named in (("gmm.covariance_type=banded", "gmm.covariance_type"), ("gan.n_critic=0", "gan.n_critic"),
+                            ("hmm.emission=poisson", "hmm.emission")):
+        with pytest.raises(GenzooError, match=named) as e:
+            load_config([override], params_file=str(params))
+        assert "\n" not in str(e.value)

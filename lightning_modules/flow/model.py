@@ -59,7 +59,7 @@ class Flow(GenerativeModel):
 
     @dataclass
     class Config:
-        max_epochs: int = 30
+        max_epochs: int = 60
         seed: int = 0
         lr: float = 2e-3
         weight_decay: float = 0.0

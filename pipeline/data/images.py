@@ -60,13 +60,13 @@ def torchvision_source(name: str) -> Callable:
         import torchvision.datasets as tvd
 
         root = Path(dcfg.root) / "raw"
-        cls = getattr(tvd, cls_name)
+        dataset_cls = getattr(tvd, cls_name)
         parts = {}
-        for file, _ in getattr(cls, "resources", []):  # MNIST and FashionMNIST: IDX files (CIFAR10 has none)
+        for file, _ in getattr(dataset_cls, "resources", []):  # MNIST and FashionMNIST: IDX files (CIFAR10 has none)
             check_idx(root / cls_name / "raw" / file.removesuffix(".gz"), name)
         for train in (True, False):
             try:
-                ds = cls(root=str(root), train=train, download=True)
+                ds = dataset_cls(root=str(root), train=train, download=True)
             except Exception as e:  # offline, corrupt or truncated files: say which and where
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise GenzooError(f"cannot load {name} from {root}/{cls_name}: {msg}") from None
