@@ -19,7 +19,7 @@ PERF_METRICS = ("samples_per_second", "train_seconds", "parameters", "peak_memor
 
 
 def metric_name(key: str) -> str:
-    """MLflow name of a metric: `perf/<key>` for costs, `test/<key>` for the rest (DESIGN.md)."""
+    """MLflow name of a metric: `perf/<key>` for costs, `test/<key>` for the rest (docs/ARCHITECTURE.md)."""
     return f"perf/{key}" if key in PERF_METRICS else f"test/{key}"
 
 
