@@ -106,3 +106,9 @@ def test_nan_loss_ends_the_run_failed_with_no_model(digits_project):
     model_dir = digits_project / "data" / "models" / "vae"
     assert not (model_dir / "model.ckpt").exists()
     assert json.loads((model_dir / "state.json").read_text())["finished"] is False
+
+
+def test_a_setting_that_does_not_fit_the_data_is_one_line(digits_project, genzoo):
+    """Categorical emissions need token data: digits are floats. Refused naming the key, no traceback."""
+    r = genzoo(["train", "family=hmm", "hmm.emission=categorical", "trainer.accelerator=cpu"], cwd=digits_project)
+    assert_clean_failure(r, "hmm.emission", "floats")

@@ -41,10 +41,10 @@ class RBM(GenerativeModel):
         n_hidden: int = 64
         learn_sigma: bool = True  # Gaussian visibles: learn log sigma_i (else sigma = 1 on standardised data)
         cd_k: int = 1  # Gibbs sweeps per negative phase
-        persistent: bool = False  # PCD (Tieleman 2008) instead of CD-k from the data (Hinton 2002)
+        persistent: bool = True  # PCD (Tieleman 2008) instead of CD-k from the data (Hinton 2002)
         n_chains: int = 128  # persistent chains
         lr: Optional[float] = None  # None: 0.05 (Bernoulli) or 0.003 (Gaussian: Hinton 2010 guide sec. 13.2)
-        momentum: float = 0.9
+        momentum: float = 0.5
         weight_decay: float = 1e-4  # L2 on the weights only (Hinton 2010 guide sec. 10)
         # None: 0.01 (Bernoulli, Hinton 2010 guide sec. 8) or 0.5 (Gaussian: on standardised data, small weights
         # sit at a saddle where the data and the model have the same covariance and the gradient vanishes)
@@ -52,7 +52,7 @@ class RBM(GenerativeModel):
         max_epochs: int = 60
         sample_steps: int = 1000  # Gibbs sweeps per `sample` call, from the base model
         ais_chains: int = 100
-        ais_steps: int = 5000  # length of the beta schedule
+        ais_steps: int = 10000  # length of the beta schedule
         exact_max_hidden: int = 20  # enumerate the 2^H hidden states up to this size instead of AIS
         seed: int = 0
 
@@ -181,7 +181,7 @@ class RBM(GenerativeModel):
         v = self.units.sample(self.base.expand(n, -1), energy.sigma)
         for _ in range(self.config.sample_steps):
             v = energy.gibbs(v)
-        return self.units.to_data(v, self.shift, self.scale).reshape(n, *self.info.shape)
+        return self.to_data_space(self.units.to_data(v, self.shift, self.scale).reshape(n, *self.info.shape))
 
     def encode(self, x: Tensor) -> Tensor:
         """Hidden-unit probabilities p(h = 1 | v)."""

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from lightning_modules.contract import ConfigError
 from lightning_modules.registry import FAMILIES, family_class
 from pipeline import tracking
 from pipeline.callbacks import BestSampleQuality, FailOnNonFiniteLoss, ReseedEachStep
@@ -31,6 +32,16 @@ from pipeline.runtime import build_trainer, datamodule_for, peak_memory_mb
 def config_hash(cfg, family: str) -> str:
     relevant = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "trainer", family)}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_model(cls, section: dict, info):
+    """The family for this data; a setting that does not fit the data is one error line naming the key."""
+    try:
+        return cls(section, info.to_dict())
+    except ConfigError as e:
+        raise GenzooError(f"bad value for config key '{cls.family}.{e.key}': {e.message}") from None
+    except ValueError as e:  # e.g. an image too small for the configured number of scales
+        raise GenzooError(f"{cls.family} cannot be built for this data: {str(e).splitlines()[0]}") from None
 
 
 def _resume_point(cfg, family: str, model_dir: Path):
@@ -59,7 +70,7 @@ def train(cfg) -> Path:
 
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     dm = datamodule_for(cfg, cls)
-    model = cls(family_section(cfg, family), dm.info.to_dict())
+    model = build_model(cls, family_section(cfg, family), dm.info)
     if cls.needs_init_data:
         model.provide_init_data(dm.split("train")[0])
 
