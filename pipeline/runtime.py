@@ -2,6 +2,7 @@
 config, in one place."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def datamodule_for(cfg, cls=None, batch_size=None) -> PreparedDataModule:
 def build_trainer(cfg, max_epochs: int, default_root_dir: Path, **kwargs) -> pl.Trainer:
     """A Trainer from the `trainer` section (its `max_epochs` overrides the stage's); progress bars only on
     a terminal. A setting Lightning refuses becomes one error line naming the trainer keys."""
+    quiet_lightning()
     t = cfg.trainer
     args = dict(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
@@ -36,6 +38,13 @@ def build_trainer(cfg, max_epochs: int, default_root_dir: Path, **kwargs) -> pl.
     except (ValueError, MisconfigurationException) as e:  # e.g. fsdp on a CPU, devices=3 with 2 GPUs
         raise GenzooError(f"trainer settings (trainer.accelerator={t.accelerator}, trainer.devices={t.devices}, "
                           f"trainer.strategy={t.strategy}): {str(e).splitlines()[0]}") from None
+
+
+def quiet_lightning() -> None:
+    """Lightning logs its device lines and product tips at INFO on every fit (it resets its logger's level
+    when imported, so this runs after the import): a user asked for neither. Warnings and errors still show."""
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def peak_memory_mb() -> float:

@@ -77,9 +77,11 @@ def ensure_store(uri: str, experiment: str) -> None:
     if not uri.startswith("sqlite:///"):
         return
     import fcntl
+    import logging
 
     import mlflow
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow resets it on import: no table-creation chatter
     path = Path(uri[len("sqlite:///"):])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{path}.lock", "a") as lock:
