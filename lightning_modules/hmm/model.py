@@ -29,12 +29,12 @@ class HMM(EMModel):
 
     @dataclass
     class Config:
-        n_states: int = 8
+        n_states: int = 16
         emission: Literal["auto", "gaussian", "categorical"] = "auto"  # auto: categorical for tokens
         covariance_type: CovarianceType = "full"  # gaussian emissions
-        reg_covar: float = 1e-3  # added to every variance in the M-step (scikit-learn's reg_covar)
+        reg_covar: float = 1e-4  # added to every variance in the M-step (scikit-learn's reg_covar)
         pseudocount: float = 1e-2  # categorical: added to every expected emission count
-        max_epochs: int = 50  # Baum-Welch iterations
+        max_epochs: int = 100  # Baum-Welch iterations
         tol: float = 1e-3  # stop when the mean train log-likelihood per sequence changes less
         init_subsample: int = 10_000  # sequences used for the k-means / unigram initialisation
         kmeans_iters: int = 10  # gaussian: Lloyd steps after k-means++ seeding of the state means

@@ -41,10 +41,10 @@ class RBM(GenerativeModel):
         n_hidden: int = 64
         learn_sigma: bool = True  # Gaussian visibles: learn log sigma_i (else sigma = 1 on standardised data)
         cd_k: int = 1  # Gibbs sweeps per negative phase
-        persistent: bool = True  # PCD (Tieleman 2008) instead of CD-k from the data (Hinton 2002)
+        persistent: bool = False  # PCD (Tieleman 2008) instead of CD-k from the data (Hinton 2002)
         n_chains: int = 128  # persistent chains
         lr: Optional[float] = None  # None: 0.05 (Bernoulli) or 0.003 (Gaussian: Hinton 2010 guide sec. 13.2)
-        momentum: float = 0.5
+        momentum: float = 0.9
         weight_decay: float = 1e-4  # L2 on the weights only (Hinton 2010 guide sec. 10)
         # None: 0.01 (Bernoulli, Hinton 2010 guide sec. 8) or 0.5 (Gaussian: on standardised data, small weights
         # sit at a saddle where the data and the model have the same covariance and the gradient vanishes)
