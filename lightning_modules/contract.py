@@ -104,7 +104,7 @@ class GenerativeModel(pl.LightningModule):
     """
 
     family: ClassVar[str] = ""
-    Config: ClassVar[type]
+    Config: ClassVar[type]  # a dataclass with every default; it has at least `seed` and `max_epochs`
     log_prob_kind: ClassVar[Optional[LogProbKind]] = None
     # EM-style families need every rank to see a disjoint shard of the data with no padding, so that
     # summed sufficient statistics equal the single-device ones exactly (the data module then also keeps
@@ -123,6 +123,11 @@ class GenerativeModel(pl.LightningModule):
         super().__init_subclass__(**kwargs)
         if cls.log_prob_kind is not None and cls.log_prob_kind not in LOG_PROB_KINDS:
             raise TypeError(f"{cls.__name__}.log_prob_kind must be one of {LOG_PROB_KINDS} or None")
+        config = cls.__dict__.get("Config")
+        if config is not None:  # the fields the pipeline reads from every family
+            missing = {"seed", "max_epochs"} - {f.name for f in dataclasses.fields(config)}
+            if missing:
+                raise TypeError(f"{cls.__name__}.Config needs the field(s) {sorted(missing)}")
 
     def __init__(self, cfg: Mapping[str, Any], info: Mapping[str, Any]):
         super().__init__()

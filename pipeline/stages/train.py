@@ -85,7 +85,7 @@ def train(cfg) -> Path:
     features = feature_extractor(cfg, dm.info) if every else None
     if features is not None:
         callbacks.append(BestSampleQuality(features, dm.split("val")[0], model_dir / "best.ckpt", every))
-    # the data module shards per rank itself (pipeline.datamodule), so Lightning must not re-wrap it
+    # the data module shards per rank itself (pipeline.data.datamodule), so Lightning must not re-wrap it
     trainer = build_trainer(cfg, model.config.max_epochs, model_dir, logger=logger, callbacks=callbacks,
                             use_distributed_sampler=False)
 
