@@ -289,3 +289,18 @@ def digits_rows_accuracy(cfg: dict, seed: int = 0) -> float:
 def test_one_hmm_per_class_classifies_digits_rows():
     acc = digits_rows_accuracy({"n_states": 8, "covariance_type": "full", "reg_covar": 1e-2, "max_epochs": 30})
     assert acc > 0.9, acc
+
+
+def test_synthetic_sources_reference_loglik_matches_hmmlearn():
+    """The `hmm_synthetic` source states the generating HMM's test log-likelihood, computed in numpy/scipy
+    apart from the family; it must equal hmmlearn's forward algorithm on the same model."""
+    from pipeline.data.hmm_synthetic import random_hmm, sample_hmm, true_loglik
+
+    rng = np.random.default_rng(3)
+    params = random_hmm(rng)
+    x = sample_hmm(params, 6, 12, rng)
+    ref = hmmlearn.GaussianHMM(len(params["startprob"]), covariance_type="full", init_params="")
+    ref.startprob_, ref.transmat_ = params["startprob"], params["transmat"]
+    ref.means_, ref.covars_ = params["means"], params["covars"]
+    expected = [ref.score(seq) for seq in x]
+    np.testing.assert_allclose(true_loglik(params, x), expected, rtol=1e-10)
