@@ -17,6 +17,7 @@ from lightning_modules.common.gaussian import (CovarianceType, estimate_gaussian
                                                sufficient_statistics, unit_covariances)
 from lightning_modules.common.kmeans import kmeans_responsibilities
 
+
 class GMM(EMModel):
     family = "gmm"
 
