@@ -42,9 +42,11 @@ def build_trainer(cfg, max_epochs: int, default_root_dir: Path, **kwargs) -> pl.
 
 def quiet_lightning() -> None:
     """Lightning logs its device lines and product tips at INFO on every fit (it resets its logger's level
-    when imported, so this runs after the import): a user asked for neither. Warnings and errors still show."""
+    when imported, so this runs after the import): a user asked for neither. Warnings and errors still show,
+    and so does the one line per process of a multi-process run that says which rank of how many it is."""
     for name in ("pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("lightning_fabric.utilities.distributed").setLevel(logging.INFO)
 
 
 def peak_memory_mb() -> float:
