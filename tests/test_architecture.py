@@ -208,7 +208,6 @@ def status(root) -> set:
 
 @pytest.mark.parametrize("edited, expected", [
     ("lightning_modules/gan/nets.py", {"train@gan", "evaluate@gan"}),
-    ("lightning_modules/hmm/forward_backward.py", {"train@hmm", "evaluate@hmm"}),
     ("lightning_modules/common/gaussian.py", {f"{s}@{f}" for s in ("train", "evaluate") for f in FAMILIES}),
     ("pipeline/evaluation/comparison.py", {"report"}),
     ("pipeline/data/toy2d.py", {"fetch", "featnet", "report"} | {f"{s}@{f}" for s in ("train", "evaluate") for f in FAMILIES}),
