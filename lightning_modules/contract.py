@@ -8,6 +8,12 @@ within each of `levels` bins), so every density is a density on the continuous d
 discrete-data NLL bound is `-log p(y) + D log(levels)` (Theis et al. 2016, "A note on the evaluation of
 generative models").
 
+P(X, Y): with `conditional` on and labelled data (`DataInfo.num_classes`), a family models the joint
+distribution p(x, y) = p(x | y) p(y). `log_prob(x)` stays the marginal log sum_y p(x | y) p(y),
+`log_prob(x, y)` is the class-conditional, `class_log_joint(x)` gives log p(x, y) for every class,
+`classify(x)` the posterior log p(y | x) (Bayes' rule) and `sample(n, y)` draws the requested classes
+(y = None: y ~ p(y), then x ~ p(x | y)).
+
 Config: each family declares a `Config` dataclass that owns its defaults (params.yaml agrees with them,
 tests/test_config.py checks it). Enumerated choices are `Literal` types; `build_config` fills the
 defaults, rejects unknown keys and checks every choice, in this one place.
@@ -21,10 +27,15 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal, Mapping, Optional, Tuple
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor
 
 LogProbKind = Literal["exact", "lower_bound", "estimate"]
 LOG_PROB_KINDS = typing.get_args(LogProbKind)
+# Every family's `conditional` Config field: model P(X, Y) when the data have labels. The train stage
+# resolves `auto` (true when every class has training examples) before it builds the model, so a
+# checkpoint always holds a plain true / false.
+Conditional = Literal["auto", True, False]
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,7 @@ class GenerativeModel(pl.LightningModule):
     """
 
     family: ClassVar[str] = ""
-    Config: ClassVar[type]  # a dataclass with every default; it has at least `seed` and `max_epochs`
+    Config: ClassVar[type]  # a dataclass with every default; it has at least `seed`, `max_epochs`, `conditional`
     log_prob_kind: ClassVar[Optional[LogProbKind]] = None
     # EM-style families need every rank to see a disjoint shard of the data with no padding, so that
     # summed sufficient statistics equal the single-device ones exactly (the data module then also keeps
@@ -125,7 +136,7 @@ class GenerativeModel(pl.LightningModule):
             raise TypeError(f"{cls.__name__}.log_prob_kind must be one of {LOG_PROB_KINDS} or None")
         config = cls.__dict__.get("Config")
         if config is not None:  # the fields the pipeline reads from every family
-            missing = {"seed", "max_epochs"} - {f.name for f in dataclasses.fields(config)}
+            missing = {"seed", "max_epochs", "conditional"} - {f.name for f in dataclasses.fields(config)}
             if missing:
                 raise TypeError(f"{cls.__name__}.Config needs the field(s) {sorted(missing)}")
 
@@ -137,17 +148,93 @@ class GenerativeModel(pl.LightningModule):
         # the train stage logs the whole pipeline config itself
         self.save_hyperparameters({"cfg": asdict(self.config), "info": self.info.to_dict()}, logger=False)
         self._init_data: Optional[Tensor] = None
+        self._init_labels: Optional[Tensor] = None
+        conditional = self.config.conditional
+        if conditional is True and not self.info.num_classes:
+            raise ConfigError("conditional", "the data have no labels (use auto or false)")
+        # the number of classes when the model is of P(X, Y), else None
+        self.num_classes: Optional[int] = self.info.num_classes if conditional in (True, "auto") else None
+        if self.num_classes:
+            # log p(y), from the training labels' counts (`set_class_prior`); uniform until then
+            self.register_buffer("label_log_prior", torch.full((self.num_classes,), -math.log(self.num_classes),
+                                                               dtype=torch.float64))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["genzoo_family"] = self.family  # lets `genzoo sample` load a bare checkpoint
 
     # --- the contract -------------------------------------------------------------------------
-    def sample(self, n: int) -> Tensor:
-        """n samples in data space (images within [0, 1]: see `to_data_space`)."""
+    def sample(self, n: int, y: Optional[Tensor] = None) -> Tensor:
+        """n samples in data space (images within [0, 1]: see `to_data_space`); for a conditional model
+        `y` (n,) asks for classes (None: y ~ p(y), see `sample_labels`)."""
         raise NotImplementedError
 
-    def log_prob(self, x: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """log p(x), or log p(x | y) for labels `y` (B,) of a conditional model."""
         raise NotImplementedError(f"{self.family} has no likelihood")
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def can_classify(self) -> bool:
+        """Whether `classify` gives p(y | x): a conditional model with a likelihood."""
+        return self.conditional and self.has_log_prob()
+
+    def class_log_likelihoods(self, x: Tensor) -> Tensor:
+        """log p(x | y = c) for every class, shape (B, K). Default: `log_prob(x, y)` once per class; a
+        family that gets all classes in one pass overrides it."""
+        self._require_conditional()
+        return torch.stack([self.log_prob(x, torch.full((len(x),), c, dtype=torch.long, device=x.device))
+                            for c in range(self.num_classes)], 1)
+
+    def class_log_joint(self, x: Tensor) -> Tensor:
+        """log p(x, y = c) = log p(x | c) + log p(c), shape (B, K)."""
+        ll = self.class_log_likelihoods(x)
+        return ll + self.class_log_prior().to(device=ll.device, dtype=ll.dtype)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """log p(y | x) by Bayes' rule, shape (B, K)."""
+        if not self.can_classify():
+            raise NotImplementedError(f"{self.family} cannot classify (it is unconditional or has no likelihood)")
+        return torch.log_softmax(self.class_log_joint(x), 1)
+
+    def marginal_log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) = log sum_y p(x | y) p(y), for a family's `log_prob(x)` when it is conditional."""
+        return torch.logsumexp(self.class_log_joint(x), 1)
+
+    def class_log_prior(self) -> Tensor:
+        """log p(y), (K,). Default: the training labels' frequencies; a family whose joint model has its own
+        label marginal (the classification RBM) overrides it."""
+        self._require_conditional()
+        return self.label_log_prior
+
+    @torch.no_grad()
+    def set_class_prior(self, y: Tensor) -> None:
+        """log p(y) from the training labels (a class without examples gets probability 0)."""
+        self._require_conditional()
+        counts = torch.bincount(y.long().cpu(), minlength=self.num_classes).double()
+        self.label_log_prior.copy_((counts / counts.sum()).log())
+
+    def sample_labels(self, n: int, y=None) -> Tensor:
+        """The classes to sample: `y` as a LongTensor (n,) (an int: n of it), or n draws from p(y)."""
+        self._require_conditional()
+        device = self.label_log_prior.device
+        if y is None:
+            return torch.multinomial(self.class_log_prior().exp().float(), n, replacement=True).to(device)
+        y = torch.as_tensor(y, dtype=torch.long, device=device)
+        y = y.expand(n).clone() if y.dim() == 0 else y
+        if len(y) != n or bool(((y < 0) | (y >= self.num_classes)).any()):
+            raise ValueError(f"labels must be {n} classes in 0..{self.num_classes - 1}")
+        return y
+
+    def _require_conditional(self) -> None:
+        if not self.conditional:
+            raise ValueError(f"this {self.family} model was trained without labels (conditional=false)")
+
+    def no_labels_unless_conditional(self, y) -> None:
+        """For a family's `log_prob` / `sample`: labels only make sense to a conditional model."""
+        if y is not None:
+            self._require_conditional()
 
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{self.family} has no encoder")
@@ -166,8 +253,8 @@ class GenerativeModel(pl.LightningModule):
         return -self.log_prob(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Served through MLflow's pyfunc, a generative model scores data: its anomaly score."""
-        return self.anomaly_score(x)
+        """Served through MLflow's pyfunc: p(y | x) (B, K) where the model classifies, else the anomaly score."""
+        return self.classify(x).exp() if self.can_classify() else self.anomaly_score(x)
 
     def sample_quality_every_n_epochs(self) -> Optional[int]:
         """Keep the checkpoint with the best sample quality (validation FID), measured every this many
@@ -187,13 +274,19 @@ class GenerativeModel(pl.LightningModule):
         """Model output -> data space: images clipped to [0, 1], anything else unchanged."""
         return x.clamp(0, 1) if self.info.kind == "image" else x
 
-    def provide_init_data(self, x: Tensor) -> None:
-        """The training set in data space, for a family with `needs_init_data` (kept by reference, not
-        checkpointed: a resumed run restores the initialised parameters instead)."""
-        self._init_data = x
+    def provide_init_data(self, x: Tensor, y: Optional[Tensor] = None) -> None:
+        """The training set in data space (and its labels), for a family with `needs_init_data` (kept by
+        reference, not checkpointed: a resumed run restores the initialised parameters instead)."""
+        self._init_data, self._init_labels = x, y
 
     def init_data(self) -> Tensor:
         if self._init_data is None:
             raise RuntimeError(f"{self.family} initialises from the training data: call "
-                               "model.provide_init_data(x_train) before fitting")
+                               "model.provide_init_data(x_train, y_train) before fitting")
         return self._init_data
+
+    def init_labels(self) -> Tensor:
+        """The training labels handed over with `provide_init_data` (a conditional family needs them)."""
+        if self._init_labels is None:
+            raise RuntimeError(f"{self.family} is conditional: call model.provide_init_data(x_train, y_train)")
+        return self._init_labels

@@ -90,7 +90,10 @@ def _plain_type(annotation):
     choices = literal_choices(annotation)
     if choices is None:
         return annotation
-    value_type = type(next(c for c in choices if c is not None))
+    types = {type(c) for c in choices if c is not None}
+    if len(types) > 1:  # e.g. `conditional`: auto | true | false
+        return Any
+    value_type = types.pop()
     return Optional[value_type] if None in choices else value_type
 
 

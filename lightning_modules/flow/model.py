@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_modules.contract import GenerativeModel
+from lightning_modules.contract import Conditional, GenerativeModel
 from lightning_modules.flow.transforms import (
     ActNorm, AffineCoupling, Flatten, InvertibleConv1x1, Logit, MaskedAffineAutoregressive,
     NormalizingFlow, Sequential, Split, Squeeze, StandardNormal, Transform, channel_mask, checkerboard_mask,
@@ -73,6 +73,7 @@ class Flow(GenerativeModel):
         vector_layer: Literal["maf", "coupling"] = "maf"
         vector_steps: int = 8
         hidden_features: int = 64
+        conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)

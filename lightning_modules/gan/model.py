@@ -21,7 +21,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.contract import GenerativeModel, require
+from lightning_modules.contract import Conditional, GenerativeModel, require
 from lightning_modules.gan.losses import gan_loss
 from lightning_modules.gan.nets import build_pair
 
@@ -76,6 +76,7 @@ class GAN(GenerativeModel):
         n_critic: int = 1  # D steps per G step
         ema_decay: float = 0.999  # 0: sample from G itself; ~1/(1-decay) G steps averaged
         fid_every_n_epochs: int = 5  # validation FID this often; the best-FID checkpoint is the model
+        conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
         def __post_init__(self):
             require(self.n_critic >= 1, "n_critic", f"must be >= 1, not {self.n_critic}")

@@ -16,6 +16,7 @@ from lightning_modules.common.gaussian import (CovarianceType, estimate_gaussian
                                                n_covariance_parameters, precision_cholesky, sample_gaussians,
                                                sufficient_statistics, unit_covariances)
 from lightning_modules.common.kmeans import kmeans_responsibilities
+from lightning_modules.contract import Conditional
 
 
 class GMM(EMModel):
@@ -31,6 +32,7 @@ class GMM(EMModel):
         init_subsample: int = 10_000  # k-means++ and Lloyd run on this many seeded training examples
         kmeans_iters: int = 10
         seed: int = 0
+        conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_modules.common.em import DTYPE, EMModel, Stats
 from lightning_modules.common.gaussian import CovarianceType
-from lightning_modules.contract import ConfigError
+from lightning_modules.contract import Conditional, ConfigError
 from lightning_modules.hmm import forward_backward as fb
 from lightning_modules.hmm.emissions import CategoricalEmission, GaussianEmission
 from lightning_modules.hmm.sequences import from_sequences, sequence_layout, to_sequences
@@ -39,6 +39,7 @@ class HMM(EMModel):
         init_subsample: int = 10_000  # sequences used for the k-means / unigram initialisation
         kmeans_iters: int = 10  # gaussian: Lloyd steps after k-means++ seeding of the state means
         seed: int = 0
+        conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)

@@ -21,7 +21,7 @@ from typing import Literal, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.contract import GenerativeModel
+from lightning_modules.contract import Conditional, GenerativeModel
 from lightning_modules.rbm.energy import RBMEnergy
 from lightning_modules.rbm.units import GaussianUnits, Statistics, visible_units
 
@@ -55,6 +55,7 @@ class RBM(GenerativeModel):
         ais_steps: int = 10000  # length of the beta schedule
         exact_max_hidden: int = 20  # enumerate the 2^H hidden states up to this size instead of AIS
         seed: int = 0
+        conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_modules.common.binarized import binarize, density_offset, sample_half_cube
 from lightning_modules.common.nets import ConvDecoder, ConvEncoder, mlp
-from lightning_modules.contract import GenerativeModel
+from lightning_modules.contract import Conditional, GenerativeModel
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -41,6 +41,7 @@ class VAE(GenerativeModel):
         beta: float = 1.0
         lr: float = 2e-3
         iwae_k: int = 256
+        conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)

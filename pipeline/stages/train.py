@@ -34,6 +34,15 @@ def config_hash(cfg, family: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def resolve_conditional(section: dict, info, train_labels) -> dict:
+    """`conditional: auto` -> true when the data have labels and every class has training examples
+    (a held-out class has none), else false; an explicit true / false stays."""
+    if section.get("conditional", "auto") != "auto":
+        return section
+    present = torch.unique(torch.as_tensor(train_labels)).numel() if info.num_classes else 0
+    return {**section, "conditional": bool(info.num_classes) and present == info.num_classes}
+
+
 def build_model(cls, section: dict, info):
     """The family for this data; a setting that does not fit the data is one error line naming the key."""
     try:
@@ -70,9 +79,12 @@ def train(cfg) -> Path:
 
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     dm = datamodule_for(cfg, cls)
-    model = build_model(cls, family_section(cfg, family), dm.info)
+    train_x, train_y = dm.split("train")
+    model = build_model(cls, resolve_conditional(family_section(cfg, family), dm.info, train_y), dm.info)
+    if model.conditional:
+        model.set_class_prior(train_y)
     if cls.needs_init_data:
-        model.provide_init_data(dm.split("train")[0])
+        model.provide_init_data(train_x, train_y)
 
     tracking.ensure_store(tracking.tracking_uri(cfg), tracking.experiment_name(cfg))
     logger = ResumableMLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
