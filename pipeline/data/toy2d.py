@@ -110,7 +110,9 @@ def toy_source(name: str) -> Callable:
         truth = true_log_density(name)
         if truth is not None:
             extra["true_test_nll"] = float(-truth(splits["test"][0].astype(np.float64)).mean())
-        info = DataInfo(shape=(2,), kind="vector")
+        # the generating component is the label (not for the checkerboard, whose cells are not all used)
+        num_classes = None if name == "checkerboard" else int(y.max()) + 1
+        info = DataInfo(shape=(2,), kind="vector", num_classes=num_classes)
         return Prepared(splits, info, f"genzoo toy2d:{name}", extra)
 
     return load
