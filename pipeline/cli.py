@@ -66,7 +66,7 @@ def cmd_report(cfg, args):
 def cmd_sample(cfg, args):
     from pipeline.stages.sample import sample_to_file
 
-    print(f"samples: {sample_to_file(args.model, args.n, args.output, args.temperature)}")
+    print(f"samples: {sample_to_file(args.model, args.n, args.output, args.temperature, args.label)}")
 
 
 def cmd_compare(cfg, args):
@@ -107,6 +107,7 @@ def _options_sample(p):
     p.add_argument("-n", type=int, default=64, help="how many samples (default 64)")
     p.add_argument("-o", "--output", default="samples.png", help="output PNG, or .pt for the tensor")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature, for families that take one")
+    p.add_argument("--label", type=int, default=None, help="sample this class (models trained on labelled data)")
 
 
 def _options_compare(p):

@@ -32,3 +32,8 @@ def family_report_path(family: str) -> Path:
 
 def samples_png(family: str) -> Path:
     return REPORTS / "samples" / f"{family}.png"
+
+
+def class_samples_png(family: str) -> Path:
+    """One row of samples per requested class."""
+    return REPORTS / "samples" / f"{family}_by_class.png"

@@ -28,6 +28,13 @@ COLUMNS: List[Column] = [
     Column("anomaly_auroc", "anomaly AUROC", "high", "{:.3f}"),
     Column("probe_acc", "probe acc", "high", "{:.3f}"),
     Column("probe_acc_10", "probe acc (10/class)", "high", "{:.3f}"),
+    # P(X, Y): the Bayes classifier, samples obeying their label, classifiers trained on samples (CAS);
+    # the real-data row holds the discriminative baselines of the same budget
+    Column("gen_class_acc", "Bayes classifier acc", "high", "{:.3f}"),
+    Column("cond_acc", "cond. sample acc", "high", "{:.3f}"),
+    Column("cas", "CAS", "high", "{:.3f}"),
+    Column("logreg_acc", "logistic regression acc", None, "{:.3f}"),
+    Column("accuracy", "featnet acc", None, "{:.3f}"),
     Column("train_seconds", "train s", "low", "{:.1f}"),
     Column("samples_per_second", "samples/s", "high", "{:.0f}"),
     Column("parameters", "params", "low", "{:.0f}"),

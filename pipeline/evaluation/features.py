@@ -39,6 +39,11 @@ def feature_extractor(cfg, info: DataInfo) -> Optional[nn.Module]:
         return None
     if cfg.eval.fid.features == "inception":
         return InceptionFeatures(cfg.eval.fid.inception_weights).eval()
+    return load_featnet(cfg).features
+
+
+def load_featnet(cfg) -> FeatNet:
+    """The featnet stage's classifier (its `features` are the FID feature space)."""
     path = featnet_dir(cfg) / FEATNET_FILE
     if not path.is_file():
         raise GenzooError(f"{path} not found: run `genzoo featnet` (or `dvc repro featnet`) first")
@@ -46,4 +51,12 @@ def feature_extractor(cfg, info: DataInfo) -> Optional[nn.Module]:
         net = FeatNet.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise GenzooError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return net.features.eval()
+    return net.eval()
+
+
+def label_classifier(cfg, info: DataInfo) -> Optional[nn.Module]:
+    """The featnet classifier that judges whether class-conditional samples obey their label; None where the
+    pipeline trains none (non-image data, or Inception features)."""
+    if info.kind != "image" or not info.num_classes or cfg.eval.fid.features != "featnet":
+        return None
+    return load_featnet(cfg)

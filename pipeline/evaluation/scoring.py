@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.contract import DataInfo, GenerativeModel
+from pipeline.evaluation.conditional import conditional_metrics
 from pipeline.evaluation.sample_metrics import extract, fid_kid, precision_recall
 
 
@@ -111,8 +112,11 @@ def real_data_floor(features, dm, ecfg) -> Dict[str, float]:
     return sample_quality(features, dm.split("test")[0], dm.split("train")[0], ecfg)
 
 
-def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg) -> tuple:
-    """All metrics for one trained model: (scalar metrics, curves, samples)."""
+def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg, label_classifier=None,
+          fcfg=None) -> tuple:
+    """All metrics for one trained model: (scalar metrics, curves, samples, labelled samples). The labelled
+    samples are (samples, their requested classes) of a model of P(X, Y), else None; `label_classifier`
+    judges them (cond_acc) and `fcfg` is the featnet budget of the CAS classifier."""
     info, bs = dm.info, ecfg.batch_size
     torch.manual_seed(ecfg.seed)
     test_x, test_y = dm.split("test")
@@ -133,4 +137,9 @@ def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg)
         curves.update(c)
     if model.has_encoder() and info.num_classes:
         metrics.update(probe_metrics(model, dm.split("train"), (test_x, test_y), bs, ecfg.seed))
-    return metrics, curves, samples
+    labelled = None
+    if model.conditional:
+        m, *labelled = conditional_metrics(model, info.kind, dm.split("train")[1], (test_x, test_y), label_classifier,
+                                           fcfg, ecfg)
+        metrics.update(m)
+    return metrics, curves, samples, labelled

@@ -9,10 +9,10 @@ from pipeline import tracking
 from pipeline.checkpoints import load_model
 from pipeline.config import require_family
 from pipeline.errors import GenzooError
-from pipeline.evaluation.features import feature_extractor
+from pipeline.evaluation.features import feature_extractor, label_classifier
 from pipeline.evaluation.scoring import score
-from pipeline.paths import STATE_FILE, family_report_path, models_dir, samples_png
-from pipeline.plots import save_samples
+from pipeline.paths import STATE_FILE, class_samples_png, family_report_path, models_dir, samples_png
+from pipeline.plots import save_class_grid, save_samples
 from pipeline.runtime import datamodule_for
 
 PERF_METRICS = ("samples_per_second", "train_seconds", "parameters", "peak_memory_mb")
@@ -43,18 +43,25 @@ def evaluate(cfg) -> dict:
         with tracking.failing_marks_run(cfg, lambda: run["run_id"]):
             model = load_model(model_dir / "model.ckpt", cls)
             dm = datamodule_for(cfg, cls)
-            metrics, curves, samples = score(model, dm, feature_extractor(cfg, dm.info), cfg.eval)
+            metrics, curves, samples, labelled = score(model, dm, feature_extractor(cfg, dm.info), cfg.eval,
+                                                       label_classifier(cfg, dm.info), cfg.featnet)
             metrics.update(state.get("cost", {}))
             grid = save_samples(samples, dm.info.kind, samples_png(family), cfg.eval.grid_size)
+            grids = [grid]
+            if labelled is not None:
+                grids.append(save_class_grid(*labelled, model.num_classes, dm.info.kind, class_samples_png(family)))
             mlflow.log_metrics({metric_name(k): v for k, v in metrics.items() if k not in state.get("cost", {})})
             mlflow.set_tag("test/nll_kind", cls.log_prob_kind or "n/a")
-            mlflow.log_artifact(str(grid), artifact_path="samples")
+            for g in grids:
+                mlflow.log_artifact(str(g), artifact_path="samples")
             if cfg.tracking.log_model:
                 from pipeline.checkpoints import log_mlflow_model
 
                 log_mlflow_model(model, samples[:4])
     result = {"family": family, "nll_kind": cls.log_prob_kind, "run_id": run["run_id"], "metrics": metrics,
-              "curves": curves, "samples_png": str(grid)}
+              "curves": curves, "samples_png": str(grid), "conditional": model.conditional}
+    if labelled is not None:
+        result["class_samples_png"] = str(grids[1])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result

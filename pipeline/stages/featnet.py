@@ -1,5 +1,6 @@
 """Stage `featnet`: train the small classifier that defines the FID/KID feature space, report its test
-accuracy, and measure the real-data floor: FID/KID/precision/recall of the test split against train."""
+accuracy, and measure the real-data row: FID/KID/precision/recall of the test split against train (the
+floor), and on labelled data the discriminative baselines (logistic regression, the real-data CAS)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import shutil
 
 import pytorch_lightning as pl
 
+from pipeline.evaluation.conditional import real_data_baselines
 from pipeline.evaluation.featnet import FeatNet
 from pipeline.evaluation.features import feature_extractor
 from pipeline.evaluation.scoring import real_data_floor
@@ -31,6 +33,9 @@ def run_featnet(cfg) -> dict:
     features = feature_extractor(cfg, dm.info)
     if features is not None:
         result.update(real_data_floor(features, dm, cfg.eval))
+    if dm.info.num_classes and dm.info.kind in ("image", "vector"):
+        result.update(real_data_baselines(dm.split("train"), dm.split("test"), dm.info.kind, dm.info.num_classes,
+                                          cfg.featnet, cfg.eval))
     FEATNET_REPORT.parent.mkdir(exist_ok=True)
     FEATNET_REPORT.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result

@@ -36,7 +36,8 @@ def load_results(cfg) -> Dict[str, dict]:
 
 def table_rows(results: Dict[str, dict], floor: dict) -> Dict[str, dict]:
     rows = {f: {**r["metrics"], "nll_kind": r["nll_kind"]} for f, r in results.items()}
-    floor_metrics = {k: v for k, v in floor.items() if k in ("fid", "kid_mean", "precision", "recall")}
+    floor_metrics = {k: v for k, v in floor.items()
+                     if k in ("fid", "kid_mean", "precision", "recall", "cas", "logreg_acc", "accuracy")}
     if floor_metrics:
         rows[FLOOR_ROW] = floor_metrics
     return rows
@@ -132,8 +133,14 @@ tbody th{{text-align:left}} td.best{{background:#d8f5d0;font-weight:bold}} tr.fl
 for a family. NLL is in nats per example on the discrete data (bits/dim likewise); its kind says whether it is exact,
 a lower bound on the log-likelihood (so an upper bound on NLL) or a stochastic estimate. The <i>real data</i> row is the
 test split scored against the train split: the floor no model is expected to beat.{featnet_note}</p>
+<p>On labelled data each family models P(X, Y): <i>Bayes classifier acc</i> is argmax<sub>y</sub> log p(x | y) + log p(y)
+on the test split; <i>cond. sample acc</i> is the featnet's accuracy on samples asked for a class (do they obey the label?);
+<i>CAS</i> is the test accuracy of a featnet-sized classifier trained only on generated labelled examples (Ravuri &amp;
+Vinyals 2019). The real-data row gives the discriminative baselines of the same budget: logistic regression on pixels, the
+featnet, and the CAS classifier trained on the real training set.</p>
 {table}
 <h2>Samples</h2><div class="grids">{grids}</div>
+{class_grids}
 <h2>Training curves</h2><img src="{curves}" style="max-width:100%" alt="training curves">
 <h2>Anomaly detection</h2><img src="{roc}" alt="ROC curves">
 <h2>Config</h2><pre>{config}</pre>
@@ -146,10 +153,18 @@ def write_html(cfg, results, rows, histories, floor) -> Path:
         f'<figure><img src="{_file_png(r["samples_png"])}" width="240" alt="{f} samples"><figcaption>{html.escape(f)}</figcaption></figure>'
         for f, r in results.items() if Path(r["samples_png"]).is_file()
     )
+    class_grids = "".join(
+        f'<figure><img src="{_file_png(r["class_samples_png"])}" width="240" alt="{f} samples by class">'
+        f'<figcaption>{html.escape(f)}</figcaption></figure>'
+        for f, r in results.items() if Path(r.get("class_samples_png", "")).is_file()
+    )
+    if class_grids:
+        class_grids = f'<h2>Samples by class (row c: asked for class c)</h2><div class="grids">{class_grids}</div>'
     note = f" FID features: featnet classifier (test accuracy {floor['accuracy']:.3f})." if "accuracy" in floor else ""
     page = PAGE.format(dataset=html.escape(cfg.data.dataset), commit=tracking.git_commit(), table=html_table(rows),
                        grids=grids, curves=curves_figure(histories), roc=roc_figure(results),
-                       config=html.escape(OmegaConf.to_yaml(cfg, resolve=True)), featnet_note=note)
+                       config=html.escape(OmegaConf.to_yaml(cfg, resolve=True)), featnet_note=note,
+                       class_grids=class_grids)
     INDEX_HTML.write_text(page)
     return INDEX_HTML
 

@@ -1,4 +1,4 @@
-"""`genzoo sample --model <checkpoint | runs:/<id>/model> -n 64 -o grid.png`."""
+"""`genzoo sample --model <checkpoint | runs:/<id>/model> -n 64 -o grid.png [--label c]`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,11 +11,18 @@ from pipeline.errors import GenzooError
 from pipeline.plots import save_samples
 
 
-def sample_to_file(model_ref: Optional[str], n: int, output: str, temperature: Optional[float] = None) -> Path:
+def sample_to_file(model_ref: Optional[str], n: int, output: str, temperature: Optional[float] = None,
+                   label: Optional[int] = None) -> Path:
     if not model_ref:
         raise GenzooError("say which model: --model <checkpoint path | runs:/<run id>/model>")
     model = load_any(model_ref)
     kwargs = {}
+    if label is not None:
+        if not model.conditional:
+            raise GenzooError(f"--label: this {model.family} model was trained without labels (conditional=false)")
+        if not 0 <= label < model.num_classes:
+            raise GenzooError(f"--label must be a class in 0..{model.num_classes - 1}, not {label}")
+        kwargs["y"] = torch.full((n,), label, dtype=torch.long)
     if temperature is not None:
         if not model.takes_temperature:
             raise GenzooError(f"{model.family} sampling takes no temperature")
