@@ -71,6 +71,24 @@ def test_repro_writes_metrics_for_every_family(repro):
     assert "data:image/png;base64," in html
 
 
+def test_every_family_models_the_joint_on_labelled_data(repro):
+    """Digits have labels, so by default every family is conditional: the label metrics are in every row
+    (gen_class_acc only where there is a likelihood), the real-data row has its baselines, and the report
+    shows one grid row per class for every family."""
+    project, _, params, _ = repro
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    for family in params["families"]:
+        row = metrics[family]
+        assert 0 <= row["cond_acc"] <= 1 and 0 <= row["cas"] <= 1, family
+        assert ("gen_class_acc" in row) == ("nll" in row), family
+        grid = json.loads((project / "reports" / "families" / f"{family}.json").read_text())["class_samples_png"]
+        img = _image(project / grid)
+        assert img.shape[0] > img.shape[1], f"{family}: 10 rows of 8 samples should be taller than wide"
+    assert {"cas", "logreg_acc", "accuracy"} <= set(metrics["real_data"])
+    html = (project / "reports" / "index.html").read_text()
+    assert "Samples by class" in html and "CAS" in html and "Bayes classifier acc" in html
+
+
 def test_mlflow_store_holds_one_finished_run_per_family(repro):
     project, _, params, _ = repro
     db = sqlite3.connect(project / "mlflow.db")
@@ -115,6 +133,32 @@ def test_sample_from_the_logged_mlflow_model_and_from_the_checkpoint(repro, fami
         run(["genzoo", "sample", "--model", ref, "-n", "16", "-o", out], project, env)
         img = _image(project / out)
         assert img[..., :3].std() > 0.01, f"{family} samples from {ref} are a blank image"
+
+
+@pytest.mark.parametrize("family", ["gmm", "gan"])
+def test_sample_a_requested_class(repro, family):
+    import torch
+
+    project, env, _, _ = repro
+    run(["genzoo", "sample", "--model", f"data/models/{family}/model.ckpt", "--label", "3", "-n", "8", "-o", "three.pt"],
+        project, env)
+    samples = torch.load(project / "three.pt", weights_only=True)
+    assert samples.shape == (8, 1, 8, 8) and 0 <= samples.min() and samples.max() <= 1
+    bad = subprocess.run(["genzoo", "sample", "--model", f"data/models/{family}/model.ckpt", "--label", "10"],
+                         cwd=project, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--label" in bad.stderr, bad.stderr
+
+
+def test_the_logged_pyfunc_predicts_the_class_posterior(repro):
+    """The MLflow model of a family that classifies serves p(y | x): one row of 10 probabilities per image."""
+    project, env, _, _ = repro
+    run_id = json.loads((project / "reports" / "families" / "gmm.json").read_text())["run_id"]
+    script = (f"import mlflow.pyfunc, numpy as np; mlflow.set_tracking_uri('sqlite:///mlflow.db'); "
+              f"m = mlflow.pyfunc.load_model('runs:/{run_id}/model'); "
+              "p = np.asarray(m.predict(np.random.default_rng(0).uniform(size=(4, 1, 8, 8)).astype(np.float32))); "
+              "print(p.shape, np.abs(p.sum(1) - 1).max() < 1e-5, (p >= 0).all())")
+    out = run([sys.executable, "-c", script], project, env)
+    assert "(4, 10) True True" in out, out
 
 
 TIMING = ("seconds", "per_second", "memory")
