@@ -21,6 +21,7 @@ from sklearn.naive_bayes import GaussianNB
 from lightning_modules.contract import Conditional, DataInfo, GenerativeModel
 from pipeline.evaluation.conditional import (classification_accuracy_score, conditional_metrics,
                                              real_data_baselines)
+from pipeline.evaluation.scoring import held_out_log_likelihoods
 from pipeline.stages.train import resolve_conditional
 
 DIGITS_INFO = DataInfo(shape=(1, 8, 8), kind="image", levels=17, num_classes=10)
@@ -198,12 +199,15 @@ def test_label_metrics_of_a_perfect_and_a_label_blind_generator(digits):
     assert m["cond_acc"] < 0.2 and m["cas"] < 0.3  # chance is 0.1
 
 
-def test_gen_class_acc_is_the_accuracy_of_sklearns_bayes_classifier(digits):
+def test_held_out_likelihoods_and_gen_class_acc_equal_sklearns_bayes_classifier(digits):
     (xtr, ytr), (xte, yte) = digits
     model = NaiveBayes({}, DIGITS_INFO.to_dict()).fit(xtr, ytr)
-    m, _, _ = conditional_metrics(model, "vector", ytr, (xte, yte), None, FCFG, ECFG)
-    expected = (_sklearn_nb(xtr, ytr).predict(xte.flatten(1).double().numpy()) == yte.numpy()).mean()
-    assert m == {"gen_class_acc": pytest.approx(expected, abs=1e-12)}  # no classifier, no image: nothing else
+    log_p, m = held_out_log_likelihoods(model, xte, yte, 100)
+    ref = _sklearn_nb(xtr, ytr)
+    xt = xte.flatten(1).double().numpy()
+    expected = (ref.predict(xt) == yte.numpy()).mean()
+    assert m == {"gen_class_acc": pytest.approx(expected, abs=1e-12)}
+    np.testing.assert_allclose(log_p.numpy(), logsumexp(ref.predict_joint_log_proba(xt), axis=1), rtol=1e-9)
 
 
 def test_cas_is_deterministic(digits):

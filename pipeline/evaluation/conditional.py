@@ -28,6 +28,11 @@ def accuracy(predict, x: Tensor, y: Tensor, batch_size: int) -> float:
     return (pred == y).double().mean().item()
 
 
+def bayes_classifier_accuracy(class_log_joint: Tensor, y: Tensor) -> float:
+    """gen_class_acc: argmax_y log p(x, y) = argmax_y log p(x | y) + log p(y) against the true labels."""
+    return (class_log_joint.argmax(1) == y).double().mean().item()
+
+
 def train_classifier(x: Tensor, y: Tensor, num_classes: int, fcfg, seed: int) -> FeatNet:
     """A FeatNet trained on (x, y) with the featnet stage's budget (epochs, batch size, learning rate): a plain
     loop, seeded, on the CPU-sized data this runs on."""
@@ -59,12 +64,11 @@ def labelled_samples(model: GenerativeModel, labels: Tensor, batch_size: int) ->
 
 def conditional_metrics(model: GenerativeModel, kind: str, train_labels: Tensor, test: Tuple[Tensor, Tensor],
                         classifier, fcfg, ecfg) -> Tuple[Dict[str, float], Tensor, Tensor]:
-    """gen_class_acc (models with a likelihood); on images, cas, and cond_acc where the featnet classifier
-    exists, from N labelled samples (N and the label counts those of the training set). Returns (metrics,
-    samples, labels). Vectors and sequences have no classifier architecture here, so no cond_acc or cas."""
+    """On images: cas, and cond_acc where the featnet classifier exists, from N labelled samples (N and the
+    label counts those of the training set). Returns (metrics, samples, labels). Vectors and sequences have
+    no classifier architecture here, so no cond_acc or cas. (gen_class_acc comes with the test likelihoods,
+    `scoring.held_out_log_likelihoods`.)"""
     metrics = {}
-    if model.can_classify():
-        metrics["gen_class_acc"] = accuracy(model.classify, *test, ecfg.batch_size)
     torch.manual_seed(ecfg.seed)
     labels = train_labels[torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(ecfg.seed))]
     samples = labelled_samples(model, labels, ecfg.batch_size)

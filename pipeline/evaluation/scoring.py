@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.contract import DataInfo, GenerativeModel
-from pipeline.evaluation.conditional import conditional_metrics
+from pipeline.evaluation.conditional import bayes_classifier_accuracy, conditional_metrics
 from pipeline.evaluation.sample_metrics import extract, fid_kid, precision_recall
 
 
@@ -23,8 +23,9 @@ def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tenso
     return torch.cat([fn(chunk).detach().cpu() for chunk in x.split(batch_size)])
 
 
-def likelihood_metrics(model: GenerativeModel, x: Tensor, info: DataInfo, batch_size: int) -> Dict[str, float]:
-    log_p = batched(model.log_prob, x, batch_size).double()
+def likelihood_metrics(model: GenerativeModel, log_p: Tensor, x: Tensor, info: DataInfo, batch_size: int) -> Dict[str, float]:
+    """NLL, bits per dimension (per token for token sequences) and perplexity from the test log-densities."""
+    log_p = log_p.double()
     nll = -log_p.mean().item()
     if info.levels is not None:
         nll += info.dim * math.log(info.levels)
@@ -34,6 +35,16 @@ def likelihood_metrics(model: GenerativeModel, x: Tensor, info: DataInfo, batch_
         out["perplexity"] = math.exp(-log_p.sum().item() / tokens)
         out["bpd"] = -log_p.sum().item() / tokens / math.log(2)  # bits per token
     return out
+
+
+def held_out_log_likelihoods(model: GenerativeModel, x: Tensor, y: Tensor, batch_size: int) -> tuple:
+    """(log p(x) of each test example, metrics of the Bayes classifier). A model of P(X, Y) gets both from one
+    pass over log p(x, y) for every class: log p(x) is its log-sum-exp over y (the contract's marginal) and the
+    Bayes classifier its argmax."""
+    if not model.can_classify():
+        return batched(model.log_prob, x, batch_size).double(), {}
+    joint = batched(model.class_log_joint, x, batch_size).double()
+    return torch.logsumexp(joint, 1), {"gen_class_acc": bayes_classifier_accuracy(joint, y)}
 
 
 @torch.no_grad()
@@ -122,7 +133,9 @@ def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg,
     test_x, test_y = dm.split("test")
     metrics, curves = {}, {}
     if model.has_log_prob():
-        metrics.update(likelihood_metrics(model, test_x, info, bs))
+        log_p, classifier_metrics = held_out_log_likelihoods(model, test_x, test_y, bs)
+        metrics.update(likelihood_metrics(model, log_p, test_x, info, bs))
+        metrics.update(classifier_metrics)
     samples, per_second = timed_samples(model, ecfg.n_samples, bs)
     metrics["samples_per_second"] = per_second
     if features is not None:
