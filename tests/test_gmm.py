@@ -1,6 +1,7 @@
 """The Gaussian mixture family against independent references: scikit-learn's GaussianMixture (EM
 iterates, BIC/AIC) and KMeans, scipy's multivariate normal, closed-form mixture moments, numerical
-integration, the true density of a toy set, and a 1-process run for 2-process DDP."""
+integration, the true density of a toy set, and a 1-process run for 2-process DDP. The conditional
+model (one mixture per class) against per-class GaussianMixture fits, scipy, and scikit-learn's LDA."""
 from __future__ import annotations
 
 import warnings
@@ -12,9 +13,12 @@ import torch
 from scipy.special import logsumexp, softmax
 from scipy.stats import multivariate_normal
 from sklearn.cluster import KMeans
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.mixture import GaussianMixture
 
 from lightning_modules.contract import DataInfo
+from lightning_modules.common.em import fit_em
+from lightning_modules.common.gaussian import covariances_from_precision_cholesky
 from lightning_modules.common.kmeans import kmeans_plusplus, lloyd
 from lightning_modules.gmm import GMM
 from pipeline.config import DataConfig
@@ -33,18 +37,23 @@ def make_trainer(tmp_path, **kw) -> pl.Trainer:
                       num_sanity_val_steps=0, **kw)
 
 
-def vector_datamodule(tmp_path, x: np.ndarray, batch_size: int = 64) -> PreparedDataModule:
-    """A prepared folder holding x (float32 vectors) as every split, as the pipeline passes EM families."""
+def vector_datamodule(tmp_path, x: np.ndarray, batch_size: int = 64, y=None) -> PreparedDataModule:
+    """A prepared folder holding x (float32 vectors) as every split, as the pipeline passes EM families;
+    with labels y, a labelled data set of y.max() + 1 classes."""
     x = x.astype(np.float32)
-    y = np.zeros(len(x), dtype=np.int64)
-    p = Prepared({s: (x, y) for s in ("train", "val", "test")}, DataInfo(shape=(x.shape[1],), kind="vector"), "test")
+    info = DataInfo(shape=(x.shape[1],), kind="vector", num_classes=None if y is None else int(y.max()) + 1)
+    y = np.zeros(len(x), dtype=np.int64) if y is None else y.astype(np.int64)
+    p = Prepared({s: (x, y) for s in ("train", "val", "test")}, info, "test")
     write_prepared(p, tmp_path / "data", "test", 0)
     return PreparedDataModule(tmp_path / "data", batch_size=batch_size, fixed_train_noise=True, exact_sharding=True)
 
 
 def fit(trainer: pl.Trainer, model: GMM, dm: PreparedDataModule) -> None:
-    """As the train stage does: the training set for the k-means initialisation, then fit."""
-    model.provide_init_data(dm.split("train")[0])
+    """As the train stage does: the class prior, the training set for the k-means initialisation, then fit."""
+    x, y = dm.split("train")
+    if model.conditional:
+        model.set_class_prior(y)
+    model.provide_init_data(x, y)
     trainer.fit(model, dm)
 
 
@@ -137,7 +146,8 @@ def fit_to_checkpoint(tmp_path, name: str, cfg: dict, **trainer_kw) -> str:
 
 def test_ddp_two_processes_equal_one(tmp_path):
     write_prepared(digits(DataConfig(), np.random.default_rng(0)), tmp_path / "digits", "digits", 0)
-    cfg = {"n_components": 4, "covariance_type": "full", "max_epochs": 3, "tol": 0.0, "init_subsample": 500}
+    cfg = {"n_components": 4, "covariance_type": "full", "max_epochs": 3, "tol": 0.0, "init_subsample": 500,
+           "conditional": False}
     one = GMM.load_from_checkpoint(fit_to_checkpoint(tmp_path, "one", cfg), weights_only=True)
     two = GMM.load_from_checkpoint(fit_to_checkpoint(tmp_path, "two", cfg, devices=2, strategy="ddp_spawn"),
                                    weights_only=True)
@@ -224,3 +234,159 @@ def test_config_rejects_bad_values():
         GMM({"covariance_type": "banded"}, info)
     with pytest.raises(ValueError, match="n_component"):  # unknown keys are named
         GMM({"n_component": 3}, info)
+
+
+# --- the conditional model: one mixture per class -------------------------------------------------------
+CLASSES, PER_CLASS, DIM = 3, 2, 3
+
+
+def labelled_blobs(rng: np.random.Generator):
+    """Three classes of different sizes, each its own blobs; x float32-representable, y (N,)."""
+    sizes = (120, 150, 180)
+    x = np.concatenate([blobs(rng, n, DIM, 2) + 4.0 * c for c, n in enumerate(sizes)])
+    y = np.repeat(np.arange(CLASSES), sizes)
+    return x.astype(np.float32).astype(np.float64), y
+
+
+def class_mixtures(rng: np.random.Generator, covariance_type: str, x=None, y=None):
+    """A random mixture per class (means drawn from the class's data when given), in scikit-learn's layout."""
+    out = []
+    for c in range(CLASSES):
+        w, m, cov, full = random_mixture(rng, PER_CLASS, DIM, covariance_type)
+        if x is not None:
+            m = x[y == c][rng.choice((y == c).sum(), PER_CLASS, replace=False)]
+        out.append((w, m, cov, full))
+    return out
+
+
+def conditional_gmm(mixtures, covariance_type: str, **cfg) -> GMM:
+    """Our conditional GMM holding the class mixtures block by block (tied: class 0's covariance for all)."""
+    info = DataInfo(shape=(DIM,), kind="vector", num_classes=CLASSES)
+    weights, means = (np.concatenate([m[i] for m in mixtures]) for i in (0, 1))
+    cov = mixtures[0][2] if covariance_type == "tied" else np.concatenate([m[2] for m in mixtures])
+    return gmm_with(weights, means, cov, covariance_type, info, class_components=PER_CLASS, conditional=True, **cfg)
+
+
+@pytest.mark.parametrize("covariance_type", ("full", "diag", "spherical"))
+def test_conditional_em_equals_sklearn_per_class_and_classifies_by_bayes(tmp_path, covariance_type):
+    """One EM run on all labelled data = a GaussianMixture fit on each class's data from the same start;
+    classify = Bayes' rule on those fits with the class frequencies as prior."""
+    n_iter, reg = 5, 1e-3
+    rng = np.random.default_rng(5)
+    x, y = labelled_blobs(rng)
+    mixtures = class_mixtures(rng, covariance_type, x, y)
+    model = conditional_gmm(mixtures, covariance_type, reg_covar=reg, max_epochs=n_iter, tol=0.0)
+    trainer = make_trainer(tmp_path, max_epochs=n_iter, limit_val_batches=0)
+    fit(trainer, model, vector_datamodule(tmp_path, x, y=y))
+    assert trainer.current_epoch == n_iter
+
+    covariances = covariances_from_precision_cholesky(model.prec_chol, covariance_type).numpy()
+    fits = []
+    for c, (w, m, cov, _) in enumerate(mixtures):
+        gm = GaussianMixture(PER_CLASS, covariance_type=covariance_type, reg_covar=reg, max_iter=n_iter, tol=0.0,
+                             weights_init=w, means_init=m, precisions_init=precisions(cov, covariance_type))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning: tol=0 on purpose
+            fits.append(gm.fit(x[y == c]))
+        block = slice(c * PER_CLASS, (c + 1) * PER_CLASS)
+        np.testing.assert_allclose(model.weights[block].numpy(), gm.weights_, rtol=1e-6)
+        np.testing.assert_allclose(model.means[block].numpy(), gm.means_, rtol=1e-6)
+        np.testing.assert_allclose(covariances[block], gm.covariances_, rtol=1e-6)
+    assert model.n_parameters() == sum(gm._n_parameters() for gm in fits) + CLASSES - 1
+
+    x_test = 3 * rng.standard_normal((40, DIM)) + 4.0
+    log_joint = np.stack([gm.score_samples(x_test) for gm in fits], 1) + np.log(np.bincount(y) / len(y))
+    np.testing.assert_allclose(model.classify(torch.from_numpy(x_test)).numpy(),
+                               log_joint - logsumexp(log_joint, 1, keepdims=True), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_conditional_log_prob_against_scipy_and_marginal_consistency(covariance_type):
+    """log p(x | y) is class y's mixture density (scipy), and log p(x) = logsumexp_y log p(x | y) + log p(y)."""
+    rng = np.random.default_rng(6)
+    mixtures = class_mixtures(rng, covariance_type)
+    model = conditional_gmm(mixtures, covariance_type)
+    y_train = torch.from_numpy(rng.integers(0, CLASSES, 50))
+    model.set_class_prior(y_train)
+    x = torch.from_numpy(2 * rng.standard_normal((30, DIM)))
+    y = torch.from_numpy(rng.integers(0, CLASSES, 30))
+
+    full = [mixtures[0][3]] * CLASSES if covariance_type == "tied" else [m[3] for m in mixtures]
+    scipy_ll = np.stack([logsumexp(scipy_joint_log_prob(x.numpy(), m[0], m[1], f), 1)
+                         for m, f in zip(mixtures, full)], 1)
+    log_prior = np.log(np.bincount(y_train.numpy(), minlength=CLASSES) / len(y_train))
+    np.testing.assert_allclose(model.class_log_likelihoods(x).numpy(), scipy_ll, rtol=1e-10)
+    np.testing.assert_allclose(model.log_prob(x, y).numpy(), scipy_ll[np.arange(30), y.numpy()], rtol=1e-10)
+    np.testing.assert_allclose(model.log_prob(x).numpy(), logsumexp(scipy_ll + log_prior, 1), rtol=1e-10)
+    per_class = torch.stack([model.log_prob(x, torch.full((30,), c)) for c in range(CLASSES)], 1)
+    np.testing.assert_allclose(model.log_prob(x).numpy(), logsumexp(per_class.numpy() + log_prior, 1), rtol=1e-6)
+
+
+def test_tied_conditional_with_one_component_per_class_is_lda():
+    """One Gaussian per class with one covariance shared by all classes is linear discriminant analysis:
+    the same means, pooled covariance and posterior p(y | x) as scikit-learn's LDA."""
+    rng = np.random.default_rng(7)
+    x, y = labelled_blobs(rng)
+    info = DataInfo(shape=(DIM,), kind="vector", num_classes=CLASSES).to_dict()
+    model = GMM({"covariance_type": "tied", "reg_covar": 0.0, "class_components": 1, "conditional": True}, info)
+    fit_em(model, torch.from_numpy(x), max_iter=2, y=torch.from_numpy(y))
+    model.set_class_prior(torch.from_numpy(y))
+    lda = LinearDiscriminantAnalysis(solver="lsqr").fit(x, y)
+    np.testing.assert_allclose(model.means.numpy(), lda.means_, rtol=1e-10)
+    np.testing.assert_allclose(covariances_from_precision_cholesky(model.prec_chol, "tied").numpy(), lda.covariance_,
+                               rtol=1e-8)
+    x_test = 3 * rng.standard_normal((40, DIM)) + 4.0
+    np.testing.assert_allclose(model.classify(torch.from_numpy(x_test)).exp().numpy(), lda.predict_proba(x_test),
+                               atol=1e-8)
+
+
+def test_conditional_samples_obey_the_label_on_8gaussians():
+    """With the component as the label, >= 95% of the samples asked for class c lie nearest centre c."""
+    x, y = eight_gaussians(4000, np.random.default_rng(0))
+    model = GMM({"conditional": True}, DataInfo(shape=(2,), kind="vector", num_classes=8).to_dict())
+    fit_em(model, torch.from_numpy(x), max_iter=20, tol=1e-6, y=torch.from_numpy(y))
+    model.set_class_prior(torch.from_numpy(y))
+    torch.manual_seed(0)
+    labels = torch.arange(8).repeat_interleave(200)
+    s = model.sample(len(labels), labels).numpy()
+    angles = np.arange(8) * np.pi / 4
+    centres = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
+    nearest = ((s[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+    for c in range(8):
+        assert (nearest[labels.numpy() == c] == c).mean() >= 0.95, c
+    # and unlabelled samples draw the classes by their frequencies (the toy set's are near uniform)
+    unlabelled = ((model.sample(4000).numpy()[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_allclose(np.bincount(unlabelled, minlength=8) / 4000, np.bincount(y) / len(y), atol=0.025)
+
+
+def test_conditional_statistics_summed_over_shards_give_the_full_batch_em_step():
+    """Per-class statistics of disjoint shards (what DDP sums), then one M-step == one EM step on all."""
+    rng = np.random.default_rng(8)
+    x, y = (torch.from_numpy(a) for a in labelled_blobs(rng))
+    mixtures = class_mixtures(rng, "full", x.numpy(), y.numpy())
+    whole, sharded = conditional_gmm(mixtures, "full"), conditional_gmm(mixtures, "full")
+    whole.m_step(whole.e_step(x, y))
+    shards = [sharded.e_step(x[r::2], y[r::2]) for r in range(2)]
+    sharded.m_step({k: shards[0][k] + shards[1][k] for k in shards[0]})
+    for name in ("weights", "means", "prec_chol"):
+        np.testing.assert_allclose(getattr(sharded, name).numpy(), getattr(whole, name).numpy(), rtol=1e-10,
+                                   err_msg=name)
+
+
+def test_conditional_checkpoint_round_trip_weights_only(tmp_path):
+    x, y = labelled_blobs(np.random.default_rng(9))
+    info = DataInfo(shape=(DIM,), kind="vector", num_classes=CLASSES)
+    model = GMM({"class_components": 2, "max_epochs": 2}, info.to_dict())
+    assert model.conditional  # conditional: auto on labelled data
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    fit(trainer, model, vector_datamodule(tmp_path, x, y=y))
+    trainer.save_checkpoint(tmp_path / "gmm.ckpt")
+
+    loaded = GMM.load_from_checkpoint(tmp_path / "gmm.ckpt", weights_only=True)
+    assert loaded.config == model.config and loaded.conditional and loaded.num_classes == CLASSES
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    np.testing.assert_allclose(loaded.class_log_prior().exp().numpy(), np.bincount(y) / len(y), rtol=1e-12)
+    xt = torch.from_numpy(x[::20])
+    assert torch.equal(loaded.classify(xt), model.classify(xt))
+    assert loaded.sample(5, torch.tensor(1)).shape == (5, DIM)

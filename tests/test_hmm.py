@@ -1,5 +1,6 @@
 """HMM family: Baum-Welch, forward and Viterbi against hmmlearn and brute-force enumeration; recovery of a
-known generating HMM; DDP equals one process; checkpoint round trip; data views; sampling; classifier."""
+known generating HMM; DDP equals one process; checkpoint round trip; data views; sampling. The conditional
+HMM (one HMM per class) against per-class hmmlearn fits, Bayes' rule on them, and a toy set's labels."""
 from __future__ import annotations
 
 import itertools
@@ -9,10 +10,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hmmlearn import hmm as hmmlearn
-from scipy.special import logsumexp
+from scipy.linalg import block_diag
+from scipy.special import log_softmax, logsumexp
 from scipy.stats import multivariate_normal
 
 from lightning_modules.common.em import fit_em
+from lightning_modules.common.gaussian import covariances_from_precision_cholesky
 from lightning_modules.hmm import HMM
 from lightning_modules.hmm.sequences import to_sequences
 
@@ -58,28 +61,36 @@ def padded(X: np.ndarray, lengths, fill):
     return torch.from_numpy(out)
 
 
-def ours_from(ref, kind: str) -> HMM:
-    """Our HMM with the reference's parameters, on the matching data kind."""
+def ours_from(ref, kind: str, **cfg) -> HMM:
+    """Our HMM with the reference's parameters, on the matching data kind; a list of references gives the
+    conditional HMM (labelled data, conditional: auto) holding reference c as class c's block of states."""
+    refs = ref if isinstance(ref, list) else [ref]
+    labels = {"num_classes": len(refs)} if isinstance(ref, list) else {}
+
+    def stacked(name):
+        return np.concatenate([getattr(r, name) for r in refs])
+
     if kind == "categorical":
-        info = {"shape": (max(LENGTHS),), "kind": "sequence", "vocab_size": VOCAB}
-        model = HMM({"n_states": N_STATES, "pseudocount": 0.5}, info)
-        model.emission.probs.copy_(torch.from_numpy(ref.emissionprob_))
+        info = {"shape": (max(LENGTHS),), "kind": "sequence", "vocab_size": VOCAB, **labels}
+        model = HMM({"n_states": N_STATES, "pseudocount": 0.5, **cfg}, info)
+        model.emission.probs.copy_(torch.from_numpy(stacked("emissionprob_")))
     else:
-        info = {"shape": (max(LENGTHS), DIM), "kind": "sequence"}
-        model = HMM({"n_states": N_STATES, "covariance_type": kind, "reg_covar": 0.0}, info)
-        covars = ref.covars_ if kind == "full" else np.diagonal(ref.covars_, axis1=1, axis2=2)
-        model.emission.set_parameters(torch.from_numpy(ref.means_), torch.from_numpy(covars.copy()))
-    model.set_parameters(torch.from_numpy(ref.startprob_), torch.from_numpy(ref.transmat_))
+        info = {"shape": (max(LENGTHS), DIM), "kind": "sequence", **labels}
+        model = HMM({"n_states": N_STATES, "covariance_type": kind, "reg_covar": 0.0, **cfg}, info)
+        covars = stacked("covars_") if kind == "full" else np.diagonal(stacked("covars_"), axis1=1, axis2=2)
+        model.emission.set_parameters(torch.from_numpy(stacked("means_")), torch.from_numpy(covars.copy()))
+    transmat = block_diag(*[r.transmat_ for r in refs])
+    model.set_parameters(torch.from_numpy(stacked("startprob_")), torch.from_numpy(transmat))
     model.initialized.fill_(True)
     return model
 
 
-def data_for(ref, kind: str):
-    X, _ = ref.sample(sum(LENGTHS), random_state=1)
+def data_for(ref, kind: str, lengths=LENGTHS, seed: int = 1):
+    X, _ = ref.sample(sum(lengths), random_state=seed)
     if kind == "categorical":
         X = X.astype(np.int64)
-        return X, padded(X[:, 0], LENGTHS, -1)
-    return X, padded(X, LENGTHS, np.nan)
+        return X, padded(X[:, 0], lengths, -1)
+    return X, padded(X, lengths, np.nan)
 
 
 KINDS = ["diag", "full", "categorical"]
@@ -131,6 +142,10 @@ def test_encode_is_mean_posterior_of_hmmlearn():
 def test_free_parameter_count_equals_hmmlearns(kind):
     ref = random_reference(kind)
     assert ours_from(ref, kind).n_parameters() == sum(ref._get_n_fit_scalars_per_param().values())
+    # conditional, with ergodic class HMMs: the classes' counts, and K - 1 for the class prior
+    refs = [random_reference(kind, seed=s) for s in (0, 1)]
+    assert (ours_from(refs, kind, topology="ergodic").n_parameters()
+            == sum(sum(r._get_n_fit_scalars_per_param().values()) for r in refs) + 1)
 
 
 # --- log_prob vs brute force --------------------------------------------------------------------------
@@ -221,27 +236,49 @@ def synthetic_folder(tmp_path_factory):
     return folder
 
 
-def fit_lightning(folder, root, **trainer_kwargs) -> HMM:
+@pytest.fixture(scope="module")
+def digits_rows_folder(tmp_path_factory):
+    """digits_rows: labelled sequences (8 rows of 8 pixels, 10 classes)."""
+    from pipeline.config import DataConfig
+    from pipeline.data.sources import load_source
+    from pipeline.data.store import write_prepared
+
+    folder = tmp_path_factory.mktemp("digits_rows") / "prepared"
+    write_prepared(load_source(DataConfig(dataset="digits_rows")), folder, "digits_rows", 0)
+    return folder
+
+
+def fit_lightning(folder, root, n_states: int = 4, **trainer_kwargs) -> HMM:
+    """As the train stage does (class prior and init data, conditional: auto), then 3 epochs."""
     from pipeline.data.datamodule import PreparedDataModule
 
     dm = PreparedDataModule(folder, batch_size=200, exact_sharding=True, fixed_train_noise=True)
-    model = HMM({"n_states": 4, "max_epochs": 3, "tol": 0.0}, dm.info.to_dict())
+    model = HMM({"n_states": n_states, "max_epochs": 3, "tol": 0.0}, dm.info.to_dict())
     trainer = pl.Trainer(max_epochs=3, default_root_dir=root, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=1, use_distributed_sampler=False, **trainer_kwargs)
-    model.provide_init_data(dm.split("train")[0])
+    x, y = dm.split("train")
+    if model.conditional:
+        model.set_class_prior(y)
+    model.provide_init_data(x, y)
     trainer.fit(model, datamodule=dm)
     return model, trainer
 
 
-def test_statistics_summed_over_shards_give_the_full_batch_em_step():
+@pytest.mark.parametrize("conditional", [False, True])
+def test_statistics_summed_over_shards_give_the_full_batch_em_step(conditional):
     """What DDP does in `EMModel.on_train_epoch_end`, without processes: E-steps on disjoint shards
-    (rank r takes examples r, r+2, ...), statistics summed, one M-step == one EM step on everything."""
-    ref = random_reference("full", seed=7)
-    _, x = data_for(ref, "full")
-    whole, sharded = ours_from(ref, "full"), ours_from(ref, "full")
-    whole.m_step(whole.e_step(x))
-    shards = [sharded.e_step(x[r::2]) for r in range(2)]
+    (rank r takes examples r, r+2, ...), statistics summed, one M-step == one EM step on everything
+    (conditional: the per-class statistics of sequences of both classes)."""
+    if conditional:
+        refs, x, y = class_data("full")
+        args = (x, y)
+    else:
+        refs = random_reference("full", seed=7)
+        args = (data_for(refs, "full")[1],)
+    whole, sharded = ours_from(refs, "full"), ours_from(refs, "full")
+    whole.m_step(whole.e_step(*args))
+    shards = [sharded.e_step(*(a[r::2] for a in args)) for r in range(2)]
     sharded.m_step({k: shards[0][k] + shards[1][k] for k in shards[0]})
     for name, value in whole.state_dict().items():
         if value.is_floating_point() and value.numel():
@@ -268,27 +305,147 @@ def test_checkpoint_round_trip_weights_only(synthetic_folder, tmp_path):
     np.testing.assert_array_equal(loaded.viterbi(x).numpy(), model.viterbi(x).numpy())
 
 
-# --- generative classification ------------------------------------------------------------------------
-def digits_rows_accuracy(cfg: dict, seed: int = 0) -> float:
-    """Test accuracy of one HMM per class on `digits_rows` (8 steps of 8-pixel rows, dequantised with seeded noise)."""
-    from lightning_modules.hmm.classifier import fit_class_models, predict
+# --- the conditional HMM: one HMM per class ------------------------------------------------------------
+CLASS_LENGTHS = [[7, 12, 3, 12], [9, 1, 10, 5, 8]]
+
+
+def class_data(kind: str, shift: float = 0.0):
+    """Two random hmmlearn references (class 1's means moved by `shift`), each class's sequences sampled
+    from its own, and the padded batch (B, T, ...) of both with its labels."""
+    refs = [random_reference(kind, seed=10 + c) for c in range(2)]
+    if kind != "categorical":
+        refs[1].means_ = refs[1].means_ + shift
+    data = [data_for(r, kind, lengths, seed=c) for c, (r, lengths) in enumerate(zip(refs, CLASS_LENGTHS))]
+    lengths = sum(CLASS_LENGTHS, [])
+    x = padded(np.concatenate([d[0] for d in data]), lengths, -1 if kind == "categorical" else np.nan)
+    if kind == "categorical":
+        x = x[..., 0]
+    y = torch.cat([torch.full((len(l),), c) for c, l in enumerate(CLASS_LENGTHS)])
+    return refs, x, y
+
+
+def sequence_scores(refs, kind: str, x: torch.Tensor) -> np.ndarray:
+    """hmmlearn's log p(x | class c) per sequence of the padded batch x and class, (B, K)."""
+    if kind == "categorical":
+        frames = [row[row >= 0].numpy()[:, None] for row in x]
+    else:
+        frames = [row[~torch.isnan(row).any(-1)].numpy() for row in x]
+    return np.array([[r.score(f) for r in refs] for f in frames])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_conditional_baum_welch_equals_hmmlearn_per_class_and_classifies_by_bayes(kind):
+    """One Baum-Welch run on both classes' sequences = an hmmlearn fit on each class's sequences from the
+    same start; classify, log p(x | y) and log p(x) = Bayes' rule and the mixture over those fits."""
+    refs, x, y = class_data(kind)
+    model = ours_from(refs, kind)
+    model.set_class_prior(y)
+    ours = np.array(fit_em(model, x, max_iter=10, y=y)) * len(y)  # mean per sequence -> total
+    for c, (ref, lengths) in enumerate(zip(refs, CLASS_LENGTHS)):
+        ref.fit(data_for(ref, kind, lengths, seed=c)[0], lengths)
+    np.testing.assert_allclose(ours, np.sum([r.monitor_.history for r in refs], 0), rtol=1e-6)
+
+    n = N_STATES
+    for c, ref in enumerate(refs):
+        block = slice(c * n, (c + 1) * n)
+        np.testing.assert_allclose(model.startprob[block].numpy(), ref.startprob_, atol=1e-8)
+        np.testing.assert_allclose(model.transmat[block, block].numpy(), ref.transmat_, atol=1e-8)
+        if kind == "categorical":
+            np.testing.assert_allclose(model.emission.probs[block].numpy(), ref.emissionprob_, atol=1e-8)
+        else:
+            np.testing.assert_allclose(model.emission.means[block].numpy(), ref.means_, rtol=1e-6)
+            covars = covariances_from_precision_cholesky(model.emission.prec_chol[block], kind).numpy()
+            expected = ref.covars_ if kind == "full" else np.diagonal(ref.covars_, axis1=1, axis2=2)
+            np.testing.assert_allclose(covars, expected, rtol=1e-6)
+    off_block = torch.block_diag(*[torch.ones(n, n)] * 2) == 0
+    assert (model.transmat[off_block] == 0).all()  # no path ever leaves its class
+
+    scores = sequence_scores(refs, kind, x)
+    log_joint = scores + np.log(np.bincount(y.numpy()) / len(y))
+    np.testing.assert_allclose(model.class_log_likelihoods(x).numpy(), scores, rtol=1e-8)
+    np.testing.assert_allclose(model.log_prob(x, y).numpy(), scores[np.arange(len(y)), y.numpy()], rtol=1e-8)
+    np.testing.assert_allclose(model.classify(x).numpy(), log_softmax(log_joint, 1), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(model.log_prob(x).numpy(), logsumexp(log_joint, 1), rtol=1e-8)
+    # marginal consistency through the contract: log p(x) = logsumexp_y log p(x | y) + log p(y)
+    per_class = torch.stack([model.log_prob(x, torch.full((len(y),), c)) for c in range(2)], 1)
+    np.testing.assert_allclose(model.log_prob(x).numpy(),
+                               torch.logsumexp(per_class + model.class_log_prior(), 1).numpy(), rtol=1e-6)
+
+
+def test_class_log_likelihoods_stay_exact_for_a_very_unlikely_class():
+    """One forward pass gives every class's log p(x | c) exactly, also for a class thousands of nats less
+    likely than another (each block is shifted by its own max; one shared shift would underflow to -inf)."""
+    refs, x, _ = class_data("full", shift=100.0)
+    scores = sequence_scores(refs, "full", x)
+    assert np.abs(scores[:, 0] - scores[:, 1]).min() > 1000  # exp(-1000) underflows float64 (min ~ exp(-745))
+    np.testing.assert_allclose(ours_from(refs, "full").class_log_likelihoods(x).numpy(), scores, rtol=1e-10)
+
+
+def test_conditional_samples_obey_the_label_on_8gaussians():
+    """With the component as the label, >= 95% of the samples asked for class c lie nearest centre c
+    (a vector is a sequence of its coordinates: 2 steps of one feature)."""
+    from pipeline.data.toy2d import eight_gaussians
+
+    x, y = (torch.from_numpy(a) for a in eight_gaussians(4000, np.random.default_rng(0)))
+    model = HMM({"n_states": 4, "conditional": True}, {"shape": (2,), "kind": "vector", "num_classes": 8})
+    fit_em(model, x, max_iter=30, tol=1e-6, y=y)
+    model.set_class_prior(y)
+    torch.manual_seed(0)
+    labels = torch.arange(8).repeat_interleave(200)
+    s = model.sample(len(labels), labels).numpy()
+    angles = np.arange(8) * np.pi / 4
+    centres = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
+    nearest = ((s[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+    for c in range(8):
+        assert (nearest[labels.numpy() == c] == c).mean() >= 0.95, c
+
+
+def test_conditional_checkpoint_round_trip_weights_only(digits_rows_folder, tmp_path):
+    model, trainer = fit_lightning(digits_rows_folder, tmp_path, n_states=3, accelerator="cpu", devices=1)
+    assert model.conditional and model.num_classes == 10  # conditional: auto on labelled data
+    trainer.save_checkpoint(tmp_path / "hmm.ckpt")
+    loaded = HMM.load_from_checkpoint(tmp_path / "hmm.ckpt", weights_only=True)
+    assert loaded.config == model.config and loaded.conditional
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    x = torch.from_numpy(np.load(digits_rows_folder / "test_x.npy")[:20])
+    assert torch.equal(loaded.classify(x), model.classify(x))
+    assert loaded.sample(4, torch.tensor(7)).shape == (4, 8, 8)
+
+
+def test_left_to_right_topology_starts_in_the_first_segment_and_never_moves_back():
+    """4 states over 2-step sequences: states 0-1 are the first segment, 2-3 the second. The chain starts
+    in the first, moves to the same or the next segment, and Baum-Welch keeps the other moves at zero."""
+    model = HMM({"n_states": 4, "topology": "left_to_right"}, {"shape": (2,), "kind": "vector"})
+    np.testing.assert_array_equal(model.startprob.numpy(), [0.5, 0.5, 0, 0])
+    np.testing.assert_array_equal(model.transmat.numpy(), [[0.25] * 4, [0.25] * 4, [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]])
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(300, 2)) + [0.0, 3.0])
+    fit_em(model, x, max_iter=5)
+    assert (model.startprob[2:] == 0).all() and (model.transmat[2:, :2] == 0).all()
+    # each segment's states start from the frames at its position: the first coordinate's, then the second's
+    means = model.emission.means[:, 0]
+    assert (means[:2] < 1.5).all() and (means[2:] > 1.5).all(), means
+    # free parameters: 1 start, 3 + 3 + 1 + 1 transitions
+    assert model.n_parameters() == 1 + 8 + model.emission.n_parameters()
+
+
+def test_conditional_hmm_classifies_digits_rows():
+    """One 8-state left-to-right HMM per class on `digits_rows` (8 steps of 8-pixel rows, seeded
+    dequantisation), all trained in the same Baum-Welch steps: the Bayes classifier's test accuracy
+    (0.978; 0.947 with ergodic class HMMs)."""
     from pipeline.config import DataConfig
     from pipeline.data.datamodule import dequantize
     from pipeline.data.sources import load_source
 
-    p = load_source(DataConfig(dataset="digits_rows", seed=seed))
-    g = torch.Generator().manual_seed(seed)
+    p = load_source(DataConfig(dataset="digits_rows", seed=0))
+    g = torch.Generator().manual_seed(0)
     (xtr, ytr), (xte, yte) = [(dequantize(torch.from_numpy(x), p.info.levels, g), torch.from_numpy(y))
                               for x, y in (p.splits["train"], p.splits["test"])]
-    k = p.info.num_classes
-    models = fit_class_models(xtr, ytr, k, cfg, p.info.to_dict())
-    log_prior = torch.log(torch.bincount(ytr, minlength=k).double() / len(ytr))
-    return (predict(models, xte, log_prior) == yte).double().mean().item()
-
-
-def test_one_hmm_per_class_classifies_digits_rows():
-    acc = digits_rows_accuracy({"n_states": 8, "covariance_type": "full", "reg_covar": 1e-2, "max_epochs": 30})
-    assert acc > 0.9, acc
+    model = HMM({"n_states": 8, "covariance_type": "full", "reg_covar": 1e-2, "conditional": True}, p.info.to_dict())
+    model.set_class_prior(ytr)
+    fit_em(model, xtr, max_iter=30, tol=1e-3, y=ytr)
+    acc = (model.classify(xte).argmax(1) == yte).double().mean().item()
+    assert acc > 0.95, acc
 
 
 def test_synthetic_sources_reference_loglik_matches_hmmlearn():

@@ -29,7 +29,7 @@ import torch
 from conftest import GENZOO, PARAMS, REPO
 
 SBATCH = REPO / "docs" / "slurm" / "genzoo.sbatch"
-GMM = ["family=gmm", "trainer.accelerator=cpu", "gmm.max_epochs=3", "tracking.log_model=false"]
+GMM = ["family=gmm", "trainer.accelerator=cpu", "gmm.max_epochs=3", "gmm.tol=0", "tracking.log_model=false"]
 VAE = ["family=vae", "trainer.accelerator=cpu", "vae.max_epochs=2", "vae.hidden=32", "vae.channels=8",
        "vae.iwae_k=8", "tracking.log_model=false"]
 DDP2 = ["trainer.devices=2", "trainer.strategy=ddp"]

@@ -2,16 +2,21 @@
 
 Both speak the same small protocol over *frames* (single time steps, padding already removed):
 `log_prob(x) -> (M, N)`, `statistics(x, gamma) -> dict` of posterior-weighted sums (summable over
-batches and devices), `m_step(stats)`, `initialize(x, seed)` and `sample(states)`. The Gaussian math
-lives in `lightning_modules.common.gaussian` (shared with the GMM).
+batches and devices), `m_step(stats)`, `initialize(x, seed, groups, states)` and `sample(states)`.
+The Gaussian math lives in `lightning_modules.common.gaussian` (shared with the GMM).
+
+`initialize` may get the frames in groups, each with its own states (a conditional HMM: a class's
+frames start its block of states; a left-to-right HMM: the frames of a segment of the sequence start
+that segment's states); without groups, all frames start all states.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.common.class_blocks import grouped_kmeans_responsibilities
 from lightning_modules.common.em import DTYPE
 from lightning_modules.common.gaussian import (covariance_shape, estimate_gaussians, gaussian_log_prob,
                                                n_covariance_parameters, precision_cholesky, sample_gaussians,
@@ -44,10 +49,16 @@ class GaussianEmission(nn.Module):
         self.means.copy_(means)
         self.prec_chol.copy_(precision_cholesky(covariances.to(DTYPE), self.covariance_type))
 
-    def initialize(self, x: Tensor, seed: int) -> None:
+    def initialize(self, x: Tensor, seed: int, groups: Optional[Tensor] = None,
+                   states: Optional[List[Tensor]] = None) -> None:
         """k-means clusters (seeded k-means++ then Lloyd, as the GMM starts) and each cluster's mean and
-        covariance, the initialisation of hmmlearn and scikit-learn's GaussianMixture."""
-        self.m_step(self.statistics(x, kmeans_responsibilities(x, len(self.means), self.kmeans_iters, seed)))
+        covariance, the initialisation of hmmlearn and scikit-learn's GaussianMixture (in groups: each
+        group's frames clustered into its states)."""
+        if groups is None:
+            resp = kmeans_responsibilities(x, len(self.means), self.kmeans_iters, seed)
+        else:
+            resp = grouped_kmeans_responsibilities(x, groups, states, self.kmeans_iters, seed)
+        self.m_step(self.statistics(x, resp))
 
     def sample(self, states: Tensor) -> Tensor:
         return sample_gaussians(self.means, self.prec_chol, self.covariance_type, states)
@@ -77,10 +88,20 @@ class CategoricalEmission(nn.Module):
         counts = stats["counts"] + self.pseudocount
         self.probs.copy_(counts / counts.sum(1, keepdim=True))
 
-    def initialize(self, x: Tensor, seed: int) -> None:
-        """The smoothed unigram distribution, each state's copy jittered by U(0.5, 1.5) to break symmetry."""
+    def initialize(self, x: Tensor, seed: int, groups: Optional[Tensor] = None,
+                   states: Optional[List[Tensor]] = None) -> None:
+        """The smoothed unigram distribution (in groups: of the group's frames, for its states), each
+        state's copy jittered by U(0.5, 1.5) to break symmetry."""
         g = torch.Generator().manual_seed(seed)
-        unigram = torch.bincount(x.cpu(), minlength=self.probs.shape[1]).to(DTYPE) + 1.0
+        vocab = self.probs.shape[1]
+        if groups is None:
+            unigram = torch.bincount(x.cpu(), minlength=vocab).to(DTYPE) + 1.0
+        else:  # the (group, token) counts, each group's row for each of its states
+            pairs = groups.cpu() * vocab + x.cpu()
+            counts = torch.bincount(pairs, minlength=len(states) * vocab).view(len(states), vocab).to(DTYPE) + 1.0
+            unigram = torch.empty(self.probs.shape, dtype=DTYPE)
+            for group, cols in enumerate(states):
+                unigram[cols] = counts[group]
         jitter = torch.rand(self.probs.shape, generator=g, dtype=DTYPE) + 0.5
         probs = unigram * jitter
         self.probs.copy_(probs / probs.sum(1, keepdim=True))

@@ -11,6 +11,12 @@ form of the log-sum-exp over previous states:
 
 so each step is one (B, N) @ (N, N) matmul and never under- or overflows. At a padded step the
 forward message is carried unchanged and the backward message is log 1 = 0, so padding changes nothing.
+
+Batched chains (the class-conditional HMM, one HMM per class): `trans` may be (B, N, N), each sequence
+in its own chain (with `start` (B, N); `forward_backward` then counts transitions per sequence), and
+`forward` / `backward` / `loglik` / `state_posteriors` also take K independent chains side by side,
+`log_emit` (B, T, K, N) with `start` (K, N) and `trans` (K, N, N): each chain is shifted by its own max,
+so each gets its exact log p(x | chain k) however unlikely it is next to the others.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ from torch import Tensor
 class Posteriors(NamedTuple):
     loglik: Tensor  # (B,) log p(x_1..T_b) per sequence
     gamma: Tensor  # (B, T, N) p(z_t = n | x), zero on padding
-    trans_counts: Tensor  # (N, N) sum over sequences and steps of p(z_t = i, z_{t+1} = j | x)
+    # (N, N) sum over sequences and steps of p(z_t = i, z_{t+1} = j | x); per sequence (B, N, N) when
+    # `trans` is (B, N, N)
+    trans_counts: Tensor
 
 
 def _max_shift(a: Tensor) -> Tensor:
@@ -31,50 +39,64 @@ def _max_shift(a: Tensor) -> Tensor:
     return a.amax(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).min)
 
 
+def _per_sequence(m: Tensor, a: Tensor) -> Tensor:
+    """A per-sequence tensor m (B,) or (B, T) shaped to broadcast against a (B, [T,] ..., N)."""
+    return m.view(*m.shape, *[1] * (a.dim() - m.dim()))
+
+
 def _first_emission(log_emit: Tensor, mask: Tensor) -> Tensor:
     """log p(x_1 | z_1), or 0 for an empty sequence."""
-    return torch.where(mask[:, :1], log_emit[:, 0], torch.zeros_like(log_emit[:, 0]))
+    first = log_emit[:, 0]
+    return torch.where(_per_sequence(mask[:, 0], first), first, torch.zeros_like(first))
 
 
 def _log_matmul(a: Tensor, p: Tensor) -> Tensor:
-    """log(exp(a) @ p) for log-vectors a (B, N) and a probability matrix p (N, N)."""
+    """log(exp(a) @ p) for log-vectors a (..., N) and a probability matrix p (N, N), or a batch of them
+    (..., N, N) broadcasting against a's leading dims."""
     m = _max_shift(a)
-    return m + torch.log((a - m).exp() @ p)
+    e = (a - m).exp()
+    return m + torch.log(e @ p if p.dim() == 2 else torch.einsum("...i,...ij->...j", e, p))
 
 
 def forward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tensor:
-    """log alpha_t(n) = log p(x_1..t, z_t = n), shape (B, T, N); carried unchanged over padding."""
-    B, T, N = log_emit.shape
-    log_alpha = log_emit.new_empty(B, T, N)
+    """log alpha_t(n) = log p(x_1..t, z_t = n), shape of log_emit (B, T, [K,] N); carried unchanged
+    over padding."""
+    log_alpha = torch.empty_like(log_emit)
     a = start.log() + _first_emission(log_emit, mask)
     log_alpha[:, 0] = a
-    for t in range(1, T):
-        a = torch.where(mask[:, t, None], _log_matmul(a, trans) + log_emit[:, t], a)
+    for t in range(1, log_emit.shape[1]):
+        a = torch.where(_per_sequence(mask[:, t], a), _log_matmul(a, trans) + log_emit[:, t], a)
         log_alpha[:, t] = a
     return log_alpha
 
 
 def loglik(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tensor:
-    """log p(x) per sequence (B,): the forward pass only."""
+    """log p(x) per sequence (B,) (per sequence and chain (B, K) for K chains): the forward pass only."""
     return torch.logsumexp(forward(start, trans, log_emit, mask)[:, -1], -1)
 
 
 def backward(trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tensor:
-    """log beta_t(n) = log p(x_t+1..T | z_t = n), shape (B, T, N); 0 at and after the last real step."""
-    B, T, N = log_emit.shape
-    log_beta = log_emit.new_zeros(B, T, N)
-    b = log_emit.new_zeros(B, N)
-    for t in range(T - 2, -1, -1):
-        b = torch.where(mask[:, t + 1, None], _log_matmul(log_emit[:, t + 1] + b, trans.T), torch.zeros_like(b))
+    """log beta_t(n) = log p(x_t+1..T | z_t = n), shape of log_emit; 0 at and after the last real step."""
+    log_beta = torch.zeros_like(log_emit)
+    b = torch.zeros_like(log_emit[:, 0])
+    for t in range(log_emit.shape[1] - 2, -1, -1):
+        b = torch.where(_per_sequence(mask[:, t + 1], b), _log_matmul(log_emit[:, t + 1] + b, trans.mT),
+                        torch.zeros_like(b))
         log_beta[:, t] = b
     return log_beta
 
 
-def forward_backward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Posteriors:
+def state_posteriors(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor):
+    """(log alpha, log beta, log p(x) (B,) or (B, K), gamma_t(n) = p(z_t = n | x) zero on padding)."""
     log_alpha = forward(start, trans, log_emit, mask)
     log_beta = backward(trans, log_emit, mask)
     ll = torch.logsumexp(log_alpha[:, -1], -1)
-    gamma = (log_alpha + log_beta - ll[:, None, None]).exp() * mask[..., None]
+    gamma = (log_alpha + log_beta - ll.unsqueeze(1).unsqueeze(-1)).exp() * _per_sequence(mask, log_alpha)
+    return log_alpha, log_beta, ll, gamma
+
+
+def forward_backward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Posteriors:
+    log_alpha, log_beta, ll, gamma = state_posteriors(start, trans, log_emit, mask)
 
     # xi_t(i, j) = alpha_t(i) A_ij b_j(x_t+1) beta_t+1(j) / p(x)  (Rabiner eq. 37), summed over b and t.
     # Each factor is shifted by its max so it lies in [0, 1]; the shifts go into one per-step weight w.
@@ -82,9 +104,11 @@ def forward_backward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tenso
     v = log_emit[:, 1:] + log_beta[:, 1:]
     mu, mv = _max_shift(u), _max_shift(v)
     w = ((mu + mv).squeeze(-1) - ll[:, None]).exp() * mask[:, 1:]
-    u = ((u - mu).exp() * w[..., None]).reshape(-1, u.shape[-1])
-    v = (v - mv).exp().reshape(-1, v.shape[-1])
-    trans_counts = trans * (u.T @ v)
+    u = (u - mu).exp() * w[..., None]
+    v = (v - mv).exp()
+    if trans.dim() == 2:  # one chain: summed over sequences and steps
+        u, v = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
+    trans_counts = trans * (u.mT @ v)  # (N, N), or per sequence (B, N, N)
     return Posteriors(ll, gamma, trans_counts)
 
 

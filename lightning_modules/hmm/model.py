@@ -6,6 +6,21 @@ contain NaN are padding), token sequences (T,) int64 as they are (-1 is padding)
 Gaussian emissions, tokens categorical ones. One training epoch is one exact Baum-Welch step: the
 E-step statistics (expected start, transition and emission counts) are summed over batches and ranks
 by `EMModel`, then `m_step` sets the maximum-likelihood parameters. Everything runs in float64.
+
+Conditional (P(X, Y)): one HMM of `n_states` states per class (Rabiner 1989 sec. VI, the isolated-word
+recogniser), held as one HMM of K * N states in block layout (`common.class_blocks`): the transition
+matrix is block-diagonal and the start probabilities sum to 1 within each block. A labelled sequence
+runs in its class's HMM alone (its block's start, transitions and emission columns, so forward-backward
+costs what one N-state HMM costs), and its posteriors go back into that block: one Baum-Welch step over
+all sequences is exactly K per-class steps. log p(x | y = c) for every c is one forward pass over the K
+HMMs side by side. Gaussian `tied` emissions share one covariance across the states of all classes.
+
+Topology: ergodic (every transition allowed; the P(X) model) or left-to-right, the class models of the
+isolated-word recogniser (Rabiner 1989 sec. VI, eq. 46): each class's N states are split evenly over
+G = min(N, T) segments of the sequence, the chain starts in the first segment and moves only to the same
+or the next one (Baum-Welch keeps the other transitions at zero), and each segment's states start from
+k-means of the frames at that relative position. An ergodic HMM cannot tell a blank top row from a
+blank bottom row, so its digit samples lose the row order; the left-to-right one keeps it.
 """
 from __future__ import annotations
 
@@ -15,6 +30,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from lightning_modules.common import class_blocks
 from lightning_modules.common.em import DTYPE, EMModel, Stats
 from lightning_modules.common.gaussian import CovarianceType
 from lightning_modules.contract import Conditional, ConfigError
@@ -40,6 +56,8 @@ class HMM(EMModel):
         kmeans_iters: int = 10  # gaussian: Lloyd steps after k-means++ seeding of the state means
         seed: int = 0
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
+        # auto: left_to_right for the per-class HMMs of a conditional model, ergodic for P(X) alone
+        topology: Literal["auto", "ergodic", "left_to_right"] = "auto"
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -49,9 +67,14 @@ class HMM(EMModel):
         if (emission == "categorical") != (self.info.vocab_size is not None):
             raise ConfigError("emission", f"{emission} does not fit {self.info.kind} data "
                               f"({'tokens' if self.info.vocab_size else 'floats'})")
-        n = c.n_states
-        self.register_buffer("startprob", torch.full((n,), 1.0 / n, dtype=DTYPE))
-        self.register_buffer("transmat", torch.full((n, n), 1.0 / n, dtype=DTYPE))
+        # K blocks (classes; 1 when unconditional) of `n_states` states, each split over `segments`
+        self.n_blocks = self.num_classes or 1
+        left_to_right = c.topology == "left_to_right" or (c.topology == "auto" and self.conditional)
+        self.segments = min(c.n_states, steps) if left_to_right else 1
+        n = self.n_blocks * c.n_states
+        start, trans = (allowed.to(DTYPE) for allowed in self._topology())
+        self.register_buffer("startprob", (start / start.sum()).repeat(self.n_blocks))
+        self.register_buffer("transmat", torch.block_diag(*[trans / trans.sum(1, keepdim=True)] * self.n_blocks))
         if emission == "categorical":
             self.emission = CategoricalEmission(n, dim, c.pseudocount)
         else:
@@ -59,7 +82,20 @@ class HMM(EMModel):
         self.steps = steps
 
     # --- the HMM itself ---------------------------------------------------------------------------
+    def _state_segments(self) -> Tensor:
+        """Each state's segment of the sequence, (N,) (one class's block; all 0 when ergodic)."""
+        n = self.config.n_states
+        return torch.arange(n) * self.segments // n
+
+    def _topology(self):
+        """(start (N,), transitions (N, N)) allowed in one class's HMM: from the first segment, to the
+        same or the next segment (ergodic: one segment, everything allowed)."""
+        seg = self._state_segments()
+        return seg == 0, (seg[None, :] >= seg[:, None]) & (seg[None, :] <= seg[:, None] + 1)
+
     def set_parameters(self, startprob: Tensor, transmat: Tensor) -> None:
+        """Conditional: K * N states class by class, startprob summing to 1 within each class's block,
+        transmat block-diagonal."""
         self.startprob.copy_(startprob)
         self.transmat.copy_(transmat)
 
@@ -71,20 +107,68 @@ class HMM(EMModel):
         seq, mask = to_sequences(x, self.info)
         return seq, mask, fb.forward_backward(self.startprob, self.transmat, self._log_emit(seq), mask)
 
+    # --- one HMM per class (conditional) ------------------------------------------------------------
+    def _class_hmms(self, log_emit: Tensor):
+        """Each class's HMM: start (K, N), transitions (K, N, N) (the diagonal blocks) and log_emit
+        (B, T, K * N) -> (B, T, K, N)."""
+        k, n = self.n_blocks, self.config.n_states
+        trans = self.transmat.view(k, n, k, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        return self.startprob.view(k, n), trans, log_emit.unflatten(-1, (k, n))
+
+    def _in_class(self, log_emit: Tensor, y: Tensor):
+        """Each sequence in its class's HMM only: start (B, N), transitions (B, N, N), log_emit (B, T, N)."""
+        start, trans, log_emit = self._class_hmms(log_emit)
+        y = y.to(log_emit.device)
+        return start[y], trans[y], log_emit[torch.arange(len(y), device=y.device), :, y]
+
+    def _class_posteriors(self, log_emit: Tensor, mask: Tensor, y: Tensor) -> fb.Posteriors:
+        """Forward-backward of each sequence in its class's HMM, with the posteriors put back in the
+        class's block: gamma (B, T, K * N) and transition counts (K * N, K * N), block-diagonal."""
+        post = fb.forward_backward(*self._in_class(log_emit, y), mask)
+        y = y.to(log_emit.device)
+        b, t, n = post.gamma.shape
+        gamma = post.gamma.new_zeros(b, t, self.n_blocks, n)
+        gamma[torch.arange(b, device=y.device), :, y] = post.gamma
+        counts = post.trans_counts.new_zeros(self.n_blocks, n, n).index_add_(0, y, post.trans_counts)
+        return fb.Posteriors(post.loglik, gamma.flatten(2), torch.block_diag(*counts))
+
     @torch.no_grad()
     def viterbi(self, x: Tensor) -> Tensor:
-        """Most probable hidden state path (B, T), -1 on padding."""
+        """Most probable hidden state path (B, T), -1 on padding (conditional: over all classes' states,
+        from the joint start p(y) p(z_1 | y))."""
         seq, mask = to_sequences(x, self.info)
-        return fb.viterbi(self.startprob, self.transmat, self._log_emit(seq), mask)[0]
+        start = self.startprob
+        if self.conditional:
+            start = start * class_blocks.repeat_per_block(self.class_log_prior().exp(), self.config.n_states).to(start)
+        return fb.viterbi(start, self.transmat, self._log_emit(seq), mask)[0]
 
     # --- EM ---------------------------------------------------------------------------------------
-    def initialize(self, x: Tensor) -> None:
+    def initialize(self, x: Tensor, y: Optional[Tensor] = None) -> None:
         seq, mask = to_sequences(x, self.info)
-        self.emission.initialize(seq[mask], self.config.seed)
+        if self.n_blocks * self.segments == 1:
+            self.emission.initialize(seq[mask], self.config.seed)
+        else:
+            self.emission.initialize(seq[mask], self.config.seed, *self._init_groups(mask, y))
+
+    def _init_groups(self, mask: Tensor, y: Optional[Tensor]):
+        """Each real frame's group, class * G + its segment (relative position t * G // length), and each
+        group's states: the emission initialisation of a conditional or left-to-right HMM."""
+        g = self.segments
+        steps = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
+        segment = steps * g // mask.sum(1, keepdim=True).clamp_min(1)
+        label = y.to(mask.device) if self.conditional else torch.zeros(len(mask), dtype=torch.long, device=mask.device)
+        groups = (label[:, None] * g + segment)[mask]
+        seg, n = self._state_segments(), self.config.n_states
+        states = [c * n + (seg == s).nonzero().squeeze(1) for c in range(self.n_blocks) for s in range(g)]
+        return groups, states
 
     @torch.no_grad()
-    def e_step(self, x: Tensor) -> Stats:
-        seq, mask, post = self.posteriors(x)
+    def e_step(self, x: Tensor, y: Optional[Tensor] = None) -> Stats:
+        if self.conditional:
+            seq, mask = to_sequences(x, self.info)
+            post = self._class_posteriors(self._log_emit(seq), mask, y)
+        else:
+            seq, mask, post = self.posteriors(x)
         frames, gamma = seq[mask], post.gamma[mask]
         stats = {"loglik": post.loglik.sum(), "count": post.loglik.new_tensor(float(len(x))),
                  "start": post.gamma[:, 0].sum(0), "trans": post.trans_counts}
@@ -97,29 +181,61 @@ class HMM(EMModel):
         trans = stats["trans"]
         rows = trans.sum(1, keepdim=True)
         transmat = torch.where(rows > 0, trans / rows.clamp_min(torch.finfo(DTYPE).tiny), self.transmat)
-        self.set_parameters(stats["start"] / stats["start"].sum(), transmat)
+        # conditional: start counts normalised per class (off-block transition counts are exactly 0)
+        start = stats["start"]
+        start = class_blocks.normalize_blocks(start, self.n_blocks) if self.conditional else start / start.sum()
+        self.set_parameters(start, transmat)
         self.emission.m_step({k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("emission.")})
 
     def n_parameters(self) -> int:
-        n = self.startprob.numel()
-        return (n - 1) + n * (n - 1) + self.emission.n_parameters()
+        """Free start, transition (those the topology allows) and emission parameters of every class's HMM,
+        and K - 1 for the class prior."""
+        start, trans = self._topology()
+        per_class = int(start.sum()) - 1 + int((trans.sum(1) - 1).sum())
+        return (self.n_blocks - 1) + self.n_blocks * per_class + self.emission.n_parameters()
 
     # --- the contract -----------------------------------------------------------------------------
     @torch.no_grad()
-    def log_prob(self, x: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """log p(x) by the forward algorithm; conditional: log p(x | y) (start in y's block), or the
+        marginal over classes when y is None."""
+        self.no_labels_unless_conditional(y)
+        if self.conditional and y is None:
+            return self.marginal_log_prob(x)
         seq, mask = to_sequences(x, self.info)
+        if self.conditional:
+            return fb.loglik(*self._in_class(self._log_emit(seq), y), mask)
         return fb.loglik(self.startprob, self.transmat, self._log_emit(seq), mask)
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        """Posterior state occupancy: mean over the real time steps of p(z_t = n | x), shape (B, N)."""
-        _, mask, post = self.posteriors(x)
-        return (post.gamma.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)).float()
+    def class_log_likelihoods(self, x: Tensor) -> Tensor:
+        """log p(x | y = c) for every class, (B, K): one forward pass over the K class HMMs side by side."""
+        self._require_conditional()
+        seq, mask = to_sequences(x, self.info)
+        return fb.loglik(*self._class_hmms(self._log_emit(seq)), mask)
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
+    def encode(self, x: Tensor) -> Tensor:
+        """Posterior state occupancy: mean over the real time steps of p(z_t = n | x), shape (B, N)
+        (conditional: of the K * N states of all classes, p(y = c | x) p(z_t = n | x, c))."""
+        if not self.conditional:
+            _, mask, post = self.posteriors(x)
+            return (post.gamma.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)).float()
+        seq, mask = to_sequences(x, self.info)
+        *_, class_ll, gamma = fb.state_posteriors(*self._class_hmms(self._log_emit(seq)), mask)  # (B, T, K, N)
+        posterior = torch.softmax(class_ll + self.class_log_prior().to(class_ll), 1)
+        occupancy = gamma.sum(1) / mask.sum(1).clamp_min(1)[:, None, None]
+        return (posterior[..., None] * occupancy).flatten(1).float()
+
+    @torch.no_grad()
+    def sample(self, n: int, y: Optional[Tensor] = None) -> Tensor:
+        """Ancestral samples (conditional: of classes y, or y ~ p(y); the path stays in its class's block)."""
+        self.no_labels_unless_conditional(y)
         states = torch.empty(n, self.steps, dtype=torch.long, device=self.startprob.device)
-        states[:, 0] = torch.multinomial(self.startprob, n, replacement=True)
+        if self.conditional:
+            states[:, 0] = class_blocks.sample_in_blocks(self.startprob, self.sample_labels(n, y), self.n_blocks)
+        else:
+            states[:, 0] = torch.multinomial(self.startprob, n, replacement=True)
         for t in range(1, self.steps):
             states[:, t] = torch.multinomial(self.transmat[states[:, t - 1]], 1).squeeze(1)
         frames = self.emission.sample(states.reshape(-1))
