@@ -1,6 +1,8 @@
 """RBM family: the energy math against brute-force enumeration and numerical integration, AIS against the exact
 log Z, the data-space densities' normalisation, the Gibbs sampler against the exact distribution, training on
-digits against an independent-pixel baseline, and the checkpoint round trip."""
+digits against an independent-pixel baseline, and the checkpoint round trip. The classification RBM (label units)
+against brute-force enumeration over (v, h, y), its clamped sampler against the exact p(v | y), and conditional
+sampling on 8 Gaussians."""
 import itertools
 import math
 
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_modules.rbm import RBM
 
 DIGITS_INFO = dict(shape=[1, 8, 8], kind="image", levels=17, num_classes=10)
+UNCONDITIONAL = dict(conditional=False)
 
 
 # --- independent references ---------------------------------------------------------------------------
@@ -36,13 +39,14 @@ def grid(d, lo, hi, n):
     return pts, ((hi - lo) / n) ** d
 
 
-def random_rbm(d, h, visible, seed=0, weight_scale=1.0, exact_max_hidden=20):
+def random_rbm(d, h, visible, seed=0, weight_scale=1.0, exact_max_hidden=20, classes=None):
     """A float64 module on (d,) vectors with random parameters (and, for Gaussian units, a random data
-    standardisation so that the Jacobian term is exercised)."""
+    standardisation so that the Jacobian term is exercised); with `classes`, a classification RBM with random
+    label weights, label biases and per-class base models."""
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     cfg = dict(visible=visible, n_hidden=h, exact_max_hidden=exact_max_hidden, sample_steps=30)
-    m = RBM(cfg, dict(shape=[d], kind="vector")).double()
+    m = RBM(cfg, dict(shape=[d], kind="vector", num_classes=classes)).double()
     if visible == "gaussian":
         with torch.no_grad():
             m.log_sigma.copy_(0.3 * randn(d))
@@ -53,7 +57,17 @@ def random_rbm(d, h, visible, seed=0, weight_scale=1.0, exact_max_hidden=20):
         m.W.copy_(weight_scale * randn(d, h))
         m.b.copy_(randn(d))
         m.c.copy_(randn(h))
+        if classes:
+            m.U.copy_(weight_scale * randn(classes, h))
+            m.d.copy_(randn(classes))
+            m.class_base.copy_(randn(classes, d) if visible == "bernoulli" else 0.3 * randn(classes, d))
     return m
+
+
+def labelled_neg_energy(v, hs, m, visible):
+    """-E(v, h, y) = -E(v, h) + d_y + h'U_y for every (v, h, y), shape (V, 2^H, K) (Larochelle & Bengio 2008 eq. 1)."""
+    e = m.energy()
+    return -joint_energy(v[:, None, :], hs[None], e, visible)[:, :, None] + m.d + (hs @ m.U.T)[None]
 
 
 def data_space_integral(m, d, cells):
@@ -74,12 +88,21 @@ def digits_splits():
     return x[:1257], x[1257:1437]
 
 
-def fit(model, x, tmp_path, epochs):
+def digits_labels():
+    """The classes of `digits_splits`' examples, in the same order (train, then val)."""
+    from sklearn.datasets import load_digits
+
+    idx = np.random.default_rng(0).permutation(1797)
+    return torch.from_numpy(load_digits().target[idx][:1437]).long()
+
+
+def fit(model, x, tmp_path, epochs, y=None):
     pl.seed_everything(0)
     trainer = pl.Trainer(max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    model.provide_init_data(x)
-    trainer.fit(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=128, shuffle=True))
+    model.provide_init_data(x, y)
+    labels = torch.zeros(len(x)) if y is None else y
+    trainer.fit(model, DataLoader(TensorDataset(x, labels), batch_size=128, shuffle=True))
     return trainer
 
 
@@ -93,8 +116,8 @@ def independent_pixels_log_likelihood(train_bits, bits):
 def trained(tmp_path_factory):
     """A 12-hidden-unit CD-1 RBM trained briefly on binarised digits (exact log Z is computed at train end)."""
     train, val = digits_splits()
-    model = RBM(dict(n_hidden=12), DIGITS_INFO)
-    untrained = RBM(dict(n_hidden=12), DIGITS_INFO)
+    model = RBM(dict(n_hidden=12, **UNCONDITIONAL), DIGITS_INFO)
+    untrained = RBM(dict(n_hidden=12, **UNCONDITIONAL), DIGITS_INFO)
     trainer = fit(model, train, tmp_path_factory.mktemp("rbm"), epochs=15)
     untrained.set_statistics(untrained.units.statistics(train.flatten(1)))
     return dict(model=model, untrained=untrained, trainer=trainer, train=train, val=val)
@@ -236,7 +259,7 @@ def test_cd_training_beats_untrained_and_independent_pixels(trained):
 
 def test_persistent_cd_learns(tmp_path):
     train, val = digits_splits()
-    model = RBM(dict(n_hidden=12, persistent=True, lr=0.1, momentum=0.5), DIGITS_INFO)
+    model = RBM(dict(n_hidden=12, persistent=True, lr=0.1, momentum=0.5, **UNCONDITIONAL), DIGITS_INFO)
     fit(model, train, tmp_path, epochs=20)
     bits = (val.flatten(1) > 0.5).double()
     with torch.no_grad():
@@ -256,15 +279,190 @@ def test_checkpoint_round_trip_weights_only(trained, tmp_path):
         torch.testing.assert_close(loaded.encode(val), model.encode(val))
 
 
-def test_trains_under_ddp_spawn(tmp_path):
+@pytest.mark.parametrize("conditional", [False, True])
+def test_trains_under_ddp_spawn(tmp_path, conditional):
     train, val = digits_splits()
-    model = RBM(dict(n_hidden=12, persistent=True, n_chains=32), DIGITS_INFO)
+    labels = digits_labels()[:len(train)]
+    model = RBM(dict(n_hidden=12, persistent=True, n_chains=32, conditional=conditional), DIGITS_INFO)
     w0 = model.W.detach().clone()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", default_root_dir=tmp_path,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    model.provide_init_data(train)
-    trainer.fit(model, DataLoader(TensorDataset(train, torch.zeros(len(train))), batch_size=128))
+    model.provide_init_data(train, labels)
+    trainer.fit(model, DataLoader(TensorDataset(train, labels), batch_size=128))
     assert bool(model.data_ready) and bool(model.log_z_exact) and torch.isfinite(model.log_z)
     assert not torch.equal(model.W.detach(), w0)
     with torch.no_grad():
         assert torch.isfinite(model.log_prob(val)).all()
+    if conditional:  # the per-class base models come from rank 0's data statistics
+        assert torch.isfinite(model.class_log_z).all() and not torch.equal(model.class_base[0], model.class_base[1])
+
+
+# --- the classification RBM (label units joined to the hidden layer) ---------------------------------------
+def test_label_units_match_joint_enumeration_bernoulli():
+    """log Z, log Z_y, p(y), p(y | x) and p(x | y) against brute force over every (v, h, y)."""
+    m = random_rbm(4, 3, "bernoulli", classes=3)
+    m.refresh_log_z()
+    assert bool(m.log_z_exact)
+    bits = all_binary(4)
+    x = bits * 0.5 + 0.25  # a point inside each half-cube of [0, 1]^4
+    with torch.no_grad():
+        neg_e = labelled_neg_energy(bits, all_binary(3), m, "bernoulli")  # (16, 8, 3)
+        log_z_y = torch.logsumexp(neg_e.flatten(0, 1), 0)
+        log_z = torch.logsumexp(neg_e.flatten(), 0)
+        assert float(m.log_z) == pytest.approx(float(log_z), abs=1e-9)
+        torch.testing.assert_close(m.class_log_z, log_z_y, atol=1e-9, rtol=0)
+        torch.testing.assert_close(m.class_log_prior(), log_z_y - log_z, atol=1e-9, rtol=0)
+        log_joint_v = torch.logsumexp(neg_e, 1)  # (16, 3): log of the unnormalised p(v, y)
+        torch.testing.assert_close(m.classify(x), torch.log_softmax(log_joint_v, 1), atol=1e-9, rtol=0)
+        offset = 4 * math.log(2)  # P(b) -> density on the half-cube
+        for c in range(3):
+            y = torch.full((16,), c)
+            torch.testing.assert_close(m.log_prob(x, y) - offset, log_joint_v[:, c] - log_z_y[c], atol=1e-9, rtol=0)
+        torch.testing.assert_close(m.log_prob(x) - offset, torch.logsumexp(log_joint_v, 1) - log_z, atol=1e-9, rtol=0)
+
+
+def test_label_units_match_enumeration_and_integration_gaussian():
+    """Gaussian visibles: p(y | x) by enumerating (h, y), log Z_y by a grid integral over v of the sum over h."""
+    m = random_rbm(2, 3, "gaussian", weight_scale=0.5, classes=3)
+    m.refresh_log_z()
+    hs = all_binary(3)
+    with torch.no_grad():
+        x = m.shift + m.scale * torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        v = (x - m.shift) / m.scale
+        log_joint_v = torch.logsumexp(labelled_neg_energy(v, hs, m, "gaussian"), 1)  # (6, 3)
+        torch.testing.assert_close(m.classify(x), torch.log_softmax(log_joint_v, 1), atol=1e-9, rtol=0)
+        pts, vol = grid(2, -25, 25, 500)
+        log_z_y = torch.logsumexp(labelled_neg_energy(pts, hs, m, "gaussian").flatten(0, 1), 0) + math.log(vol)
+        torch.testing.assert_close(m.class_log_z, log_z_y, atol=1e-7, rtol=0)
+        jacobian = -m.scale.log().sum()
+        for c in range(3):
+            expected = log_joint_v[:, c] - log_z_y[c] + jacobian
+            torch.testing.assert_close(m.log_prob(x, torch.full((6,), c)), expected, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("visible", ["bernoulli", "gaussian"])
+def test_marginal_is_the_sum_over_classes(visible):
+    """log p(x) == logsumexp_y(log p(x | y) + log p(y)), and the one-pass class likelihoods equal log_prob(x, y)."""
+    m = random_rbm(3, 4, visible, classes=4)
+    x = torch.rand(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        per_class = torch.stack([m.log_prob(x, torch.full((10,), c)) for c in range(4)], 1)
+        torch.testing.assert_close(m.class_log_likelihoods(x), per_class, atol=1e-9, rtol=0)
+        torch.testing.assert_close(m.log_prob(x), torch.logsumexp(per_class + m.class_log_prior(), 1),
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(m.classify(x), torch.log_softmax(per_class + m.class_log_prior(), 1),
+                                   atol=1e-9, rtol=0)
+        assert float(torch.logsumexp(m.class_log_prior(), 0)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_class_ais_matches_brute_force():
+    """AIS of every class's log Z_y in one batch of chains against enumeration over (v, h) per class."""
+    m = random_rbm(10, 6, "bernoulli", weight_scale=0.5, classes=3, exact_max_hidden=0)
+    m.config.ais_steps = 1000
+    m.refresh_log_z()
+    assert not bool(m.log_z_exact)
+    with torch.no_grad():
+        log_z_y = torch.logsumexp(labelled_neg_energy(all_binary(10), all_binary(6), m, "bernoulli").flatten(0, 1), 0)
+    torch.testing.assert_close(m.class_log_z, log_z_y, atol=0.05, rtol=0)
+    assert float(m.log_z) == pytest.approx(float(torch.logsumexp(log_z_y, 0)), abs=0.05)
+
+
+def test_clamped_gibbs_samples_follow_the_exact_class_conditional():
+    """sample(n, y = c) against the enumerated p(v | y = c), and sample(n) against p(v) = sum_y p(v, y)."""
+    m = random_rbm(4, 3, "bernoulli", classes=2)
+    neg_e = labelled_neg_energy(all_binary(4), all_binary(3), m, "bernoulli").detach()  # (16, 8, 2)
+    weights = (2.0 ** torch.arange(3, -1, -1, dtype=torch.float64))  # row order of all_binary
+    torch.manual_seed(0)
+    for y, exact in [(1, torch.softmax(torch.logsumexp(neg_e[:, :, 1], 1), 0)),
+                     (None, torch.softmax(torch.logsumexp(neg_e.flatten(1), 1), 0))]:
+        x = m.sample(20000, y)
+        index = ((x > 0.5).double() * weights).sum(1).long()
+        empirical = torch.bincount(index, minlength=16).double() / len(x)
+        assert 0.5 * float((empirical - exact).abs().sum()) < 0.02  # total variation
+
+
+@pytest.fixture(scope="module")
+def trained_conditional(tmp_path_factory):
+    """A 16-hidden-unit classification RBM trained briefly on binarised digits with their labels."""
+    train, val = digits_splits()
+    labels = digits_labels()
+    model = RBM(dict(n_hidden=16), DIGITS_INFO)
+    model.set_class_prior(labels[:len(train)])  # as the train stage does
+    trainer = fit(model, train, tmp_path_factory.mktemp("rbm_cond"), epochs=30, y=labels[:len(train)])
+    return dict(model=model, trainer=trainer, train=train, val=val, val_y=labels[len(train):])
+
+
+def test_conditional_digits_classify_and_generate_their_class(trained_conditional):
+    """p(y | x) classifies about as well as naive Bayes on the same binarised pixels (scikit-learn), and clamped
+    samples sit nearest their own class's pixel mean."""
+    from sklearn.naive_bayes import BernoulliNB
+
+    model, train, val, val_y = (trained_conditional[k] for k in ("model", "train", "val", "val_y"))
+    train_y = digits_labels()[:len(train)]
+    bits = lambda x: (x.flatten(1) > 0.5).numpy()  # noqa: E731
+    naive_bayes = BernoulliNB().fit(bits(train), train_y).score(bits(val), val_y)
+    with torch.no_grad():
+        assert float((model.classify(val).argmax(1) == val_y).float().mean()) > naive_bayes - 0.03
+        torch.manual_seed(0)
+        asked = torch.arange(10).repeat_interleave(30)
+        s = model.sample(len(asked), asked).flatten(1)
+    means = torch.stack([(train[train_y == c].flatten(1) > 0.5).float().mean(0) for c in range(10)])
+    nearest = torch.cdist((s > 0.5).float(), means).argmin(1)
+    assert float((nearest == asked).float().mean()) > 0.8
+
+
+def test_label_bias_is_fitted_to_the_training_frequencies(trained_conditional):
+    """At train end the label bias takes its maximum-likelihood value: the model's own p(y) = Z_y / Z equals the
+    training labels' frequencies, and the shifted log Z_y equals a fresh enumeration."""
+    model, n_train = trained_conditional["model"], len(trained_conditional["train"])
+    counts = torch.bincount(digits_labels()[:n_train], minlength=10).double()
+    # to 1e-6: the bias is stored in float32
+    torch.testing.assert_close(model.class_log_prior(), (counts / n_train).log(), atol=1e-6, rtol=0)
+    stored = model.class_log_z.clone()
+    model.refresh_log_z()
+    torch.testing.assert_close(model.class_log_z, stored, atol=1e-9, rtol=0)
+
+
+def test_conditional_checkpoint_round_trip_weights_only(trained_conditional, tmp_path):
+    model, val, val_y = trained_conditional["model"], trained_conditional["val"], trained_conditional["val_y"]
+    path = tmp_path / "rbm_cond.ckpt"
+    trained_conditional["trainer"].save_checkpoint(path)
+    loaded = RBM.load_from_checkpoint(path, weights_only=True)
+    assert loaded.conditional and loaded.num_classes == 10
+    torch.testing.assert_close(loaded.class_log_z, model.class_log_z, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.log_prob(val), model.log_prob(val))
+        torch.testing.assert_close(loaded.log_prob(val, val_y), model.log_prob(val, val_y))
+        torch.testing.assert_close(loaded.classify(val), model.classify(val))
+        torch.testing.assert_close(loaded.forward(val), model.classify(val).exp())
+
+
+def eight_gaussians_fit(tmp_path, n, epochs, **cfg):
+    from pipeline.data.toy2d import eight_gaussians
+
+    x, c = eight_gaussians(n, np.random.default_rng(0))
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(c)
+    model = RBM(dict(ais_steps=100, **cfg), dict(shape=[2], kind="vector", num_classes=8))
+    model.set_class_prior(y)
+    fit(model, x, tmp_path, epochs, y=y)
+    return model
+
+
+def nearest_centre_rate(model, per_class=200):
+    """The fraction of the samples asked for component c that lie nearest centre c, per component."""
+    from pipeline.data.toy2d import EIGHT_GAUSSIANS_RADIUS
+
+    angles = torch.arange(8) * (2 * math.pi / 8)
+    centres = EIGHT_GAUSSIANS_RADIUS * torch.stack([angles.cos(), angles.sin()], 1)
+    asked = torch.arange(8).repeat_interleave(per_class)
+    torch.manual_seed(0)
+    s = model.sample(len(asked), asked)
+    return (torch.cdist(s, centres).argmin(1) == asked).float().view(8, per_class).mean(1)
+
+
+@pytest.mark.slow
+def test_eight_gaussians_class_samples_fall_nearest_their_centre(tmp_path):
+    """Gaussian visibles with the component as the label: >= 95% of the samples asked for component c lie nearest
+    centre c, for every c (issue 10's conditional-sampling check)."""
+    model = eight_gaussians_fit(tmp_path, n=8000, epochs=100)
+    assert float(nearest_centre_rate(model).min()) >= 0.95

@@ -24,8 +24,8 @@ class RBMEnergy:
 
     W: Tensor  # (D, H)
     b: Tensor  # (D,) visible bias
-    c: Tensor  # (H,) hidden bias
-    base: Tensor  # (D,) visible bias of the base model (which shares sigma)
+    c: Tensor  # (H,) hidden bias, or (N, H): one RBM per row of a batch of chains (label units clamped per chain)
+    base: Tensor  # (D,) visible bias of the base model (which shares sigma), or (N, D) likewise
     sigma: Tensor  # (D,) visible standard deviations (Gaussian units; ignored by Bernoulli units)
     units: type
 
@@ -74,7 +74,8 @@ class RBMEnergy:
 
     # --- the partition function ------------------------------------------------------------------------
     def log_z_base(self) -> float:
-        return float(self.units.log_partition(self.base, self.base, self.sigma)) + self.c.numel() * math.log(2.0)
+        n_hidden = self.c.shape[-1]
+        return float(self.units.log_partition(self.base, self.base, self.sigma)) + n_hidden * math.log(2.0)
 
     def log_z_enumerate(self, chunk: int = 1 << 14) -> float:
         """Exact log Z = log sum_h exp(c.h) int/sum_v exp(-E_vis(v; b) + (v/sigma)'Wh): 2^H terms, each closed-form
@@ -89,13 +90,15 @@ class RBMEnergy:
             parts.append(torch.logsumexp(h @ self.c + log_v, 0))
         return float(torch.logsumexp(torch.stack(parts), 0))
 
-    def log_z_ais(self, n_chains: int, n_steps: int, generator: Optional[torch.Generator] = None) -> AISResult:
-        """AIS along the beta path with one Gibbs sweep per intermediate distribution."""
+    def log_z_ais(self, n_chains: int, n_steps: int, generator: Optional[torch.Generator] = None,
+                  log_z_base: Optional[float] = None) -> AISResult:
+        """AIS along the beta path with one Gibbs sweep per intermediate distribution. A batch of RBMs with one
+        row of `c` and `base` per chain passes `log_z_base=0.0` and adds each row's own base log Z."""
         return ais_log_z(
             log_f=lambda v, beta: -self.free_energy(v, beta),
             transition=lambda v, beta: self.gibbs(v, beta, generator),
             sample_base=lambda n: self.units.sample(self.base.expand(n, -1), self.sigma, generator),
-            log_z_base=self.log_z_base(),
+            log_z_base=self.log_z_base() if log_z_base is None else log_z_base,
             betas=beta_schedule(n_steps),
             n_chains=n_chains,
         )

@@ -6,6 +6,11 @@ Energy  E(v, h) = E_vis(v; b) - c.h - (v/sigma)'Wh,  with  E_vis(v; b) = -b.v  a
                                                             E_vis(v; b) = sum_i (v_i - b_i)^2 / 2 sigma_i^2  (Gaussian)
 Free energy  F(v) = -log sum_h exp(-E(v, h)) = E_vis(v; b) - sum_j softplus(c_j + (v/sigma)'W_j),  p(v) = e^-F(v) / Z.
 
+P(X, Y) (`conditional`): the classification RBM of Larochelle & Bengio (2008), one-hot label units joined to the
+hidden layer (`labels.py`): p(y | x) is exact from the free energies F(x, y), a class is sampled by clamping its
+units, and log Z sums the per-class log Z_y (the model's own label marginal is p(y) = Z_y / Z). It is trained by
+CD on the joint (v, y), plus `discriminative_weight` times -log p(y | x) (the hybrid DRBM, their sec. 3).
+
 Data space (so NLLs compare across families):
 - Bernoulli: b = (x > 0.5); the density on [0, 1]^D is P_RBM(b(x)) 2^D, uniform within each half-cube, and a
   sample is (b + u) / 2 with u ~ U[0, 1).
@@ -19,10 +24,12 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.contract import Conditional, GenerativeModel
 from lightning_modules.rbm.energy import RBMEnergy
+from lightning_modules.rbm.labels import LabelUnits
 from lightning_modules.rbm.units import GaussianUnits, Statistics, visible_units
 
 
@@ -51,11 +58,16 @@ class RBM(GenerativeModel):
         init_std: Optional[float] = None
         max_epochs: int = 60
         sample_steps: int = 1000  # Gibbs sweeps per `sample` call, from the base model
-        ais_chains: int = 100
+        ais_chains: int = 100  # in all: a conditional model splits them over the classes (its AIS costs the same)
         ais_steps: int = 10000  # length of the beta schedule
         exact_max_hidden: int = 20  # enumerate the 2^H hidden states up to this size instead of AIS
         seed: int = 0
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
+        # conditional: the weight of -log p(y | x) beside the generative CD term (hybrid DRBM, Larochelle &
+        # Bengio 2008 sec. 3; 0 = purely generative). CD-1 alone leaves the label units weak: on digits 3 takes
+        # the Bayes classifier from 0.93 to 0.955 at the same test NLL, and on 8 Gaussians it keeps the samples
+        # asked for a component within it (>= 0.97 per component, against 0.8 without)
+        discriminative_weight: float = 3.0
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -79,16 +91,32 @@ class RBM(GenerativeModel):
         self.register_buffer("data_ready", torch.tensor(False))
         self.register_buffer("log_z", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("log_z_exact", torch.tensor(False))
+        if self.conditional:  # created last, so an unconditional model is built exactly as before
+            k = self.num_classes
+            self.U = nn.Parameter(torch.randn(k, h, generator=g) * init_std)
+            self.d = nn.Parameter(torch.zeros(k))
+            self.register_buffer("class_base", torch.zeros(k, d))
+            self.register_buffer("class_log_z", torch.full((k,), float("nan"), dtype=torch.float64))
+            self.register_buffer("chain_labels", torch.zeros(len(self.chains), dtype=torch.long))
 
     def energy(self) -> RBMEnergy:
         return RBMEnergy(self.W, self.b, self.c, self.base, self.log_sigma.exp(), self.units)
+
+    def labels(self) -> LabelUnits:
+        return LabelUnits(self.U, self.d, self.class_base)
+
+    def clamped_energy(self, y: Optional[Tensor]) -> RBMEnergy:
+        """The RBM over (v, h) given classes y (None: the unconditional RBM)."""
+        return self.energy() if y is None else self.labels().clamp(self.energy(), y)
 
     def to_model(self, x: Tensor) -> Tensor:
         return self.units.to_model(x.flatten(1), self.shift, self.scale)
 
     # --- data statistics, set once before the first update ----------------------------------------------
     @torch.no_grad()
-    def set_statistics(self, stats: Statistics) -> None:
+    def set_statistics(self, stats: Statistics, class_base: Optional[Tensor] = None) -> None:
+        """Standardisation and base model; a conditional model also takes each class's base visible bias
+        (K, D) (None: the shared base for every class)."""
         shift, scale, base = (t.to(self.device) for t in stats)
         self.shift.copy_(shift)
         self.scale.copy_(scale)
@@ -96,19 +124,33 @@ class RBM(GenerativeModel):
         self.b.copy_(base)  # start at the independent-visibles model
         if self.config.persistent:
             self.chains.copy_(self.units.sample(base.expand(len(self.chains), -1), self.log_sigma.exp()))
+            if self.conditional:
+                self.chain_labels.copy_(torch.randint(self.num_classes, (len(self.chains),), device=self.device))
+        if self.conditional:
+            self.class_base.copy_(base.expand_as(self.class_base) if class_base is None else class_base)
         self.data_ready.fill_(True)
 
-    def _training_statistics(self) -> Statistics:
-        x = self.init_data()
-        # rank 0's statistics everywhere: parameters initialised from them must agree across DDP ranks
-        return self.trainer.strategy.broadcast(self.units.statistics(x.flatten(1).cpu()), src=0)
+    def _training_statistics(self) -> Tuple[Statistics, Optional[Tensor]]:
+        """The data statistics and, for a conditional model, each class's base bias (rank 0's everywhere:
+        parameters initialised from them must agree across DDP ranks)."""
+        x = self.init_data().flatten(1).cpu()
+        stats = self.units.statistics(x)
+        class_base = None
+        if self.conditional:
+            v, y = self.units.to_model(x, *stats[:2]), self.init_labels().cpu()
+            # a class without training examples keeps the shared base
+            class_base = torch.stack([self.units.base_bias(v[y == c]) if bool((y == c).any()) else stats[2]
+                                      for c in range(self.num_classes)])
+        return self.trainer.strategy.broadcast((stats, class_base), src=0)
 
     # --- training -----------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self.log_z.fill_(float("nan"))
+        if self.conditional:
+            self.class_log_z.fill_(float("nan"))
         self.log_z_exact.fill_(False)
         if not bool(self.data_ready):
-            self.set_statistics(self._training_statistics())
+            self.set_statistics(*self._training_statistics())
 
     @torch.no_grad()
     def negative_phase(self, energy: RBMEnergy, v: Tensor) -> Tensor:
@@ -120,20 +162,45 @@ class RBM(GenerativeModel):
             self.chains.copy_(chain)
         return chain
 
-    def cd_step(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """(CD objective to minimise, reconstruction NLL to monitor) on a batch; advances PCD chains."""
+    @torch.no_grad()
+    def joint_negative_phase(self, energy: RBMEnergy, v: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """`negative_phase` on the joint chain (v, y): the label units are resampled with the visibles."""
+        labels = self.labels()
+        chain, chain_y = (self.chains, self.chain_labels) if self.config.persistent else (v, y)
+        for _ in range(self.config.cd_k):
+            chain, chain_y = labels.gibbs(energy, chain, chain_y)
+        if self.config.persistent:
+            self.chains.copy_(chain)
+            self.chain_labels.copy_(chain_y)
+        return chain, chain_y
+
+    def cd_step(self, x: Tensor, y: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(objective to minimise, reconstruction NLL to monitor) on a batch (with its classes when conditional);
+        advances PCD chains."""
         v = self.to_model(x)
         energy = self.energy()
-        negative = self.negative_phase(energy, v)
         # Its gradient is dF/dtheta at the data minus at the (detached) model samples: the CD estimate of
         # -d log p / dtheta (Hinton 2002), so DDP gradient averaging and SGD with momentum apply unchanged.
-        cd_objective = energy.free_energy(v).mean() - energy.free_energy(negative).mean()
+        if self.conditional:
+            labels = self.labels()
+            negative, negative_y = self.joint_negative_phase(energy, v, y)
+            objective = (labels.free_energy(energy, v, y).mean()
+                         - labels.free_energy(energy, negative, negative_y).mean())
+            if self.config.discriminative_weight:
+                objective = objective + self.config.discriminative_weight * F.cross_entropy(
+                    -labels.free_energies(energy, v), y)
+        else:
+            negative = self.negative_phase(energy, v)
+            objective = energy.free_energy(v).mean() - energy.free_energy(negative).mean()
         with torch.no_grad():
-            recon = -energy.reconstruction_log_likelihood(v).mean()
-        return cd_objective, recon
+            recon = -self.clamped_energy(y).reconstruction_log_likelihood(v).mean()
+        return objective, recon
+
+    def batch_labels(self, batch) -> Optional[Tensor]:
+        return batch[1].long() if self.conditional else None
 
     def training_step(self, batch, batch_idx):
-        cd_objective, recon = self.cd_step(batch[0])
+        cd_objective, recon = self.cd_step(batch[0], self.batch_labels(batch))
         n = len(batch[0])
         self.log("train/loss", recon, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         self.log("train/cd_objective", cd_objective.detach(), on_step=False, on_epoch=True, sync_dist=True,
@@ -142,44 +209,101 @@ class RBM(GenerativeModel):
 
     def validation_step(self, batch, batch_idx):
         v = self.to_model(batch[0])
-        recon = -self.energy().reconstruction_log_likelihood(v).mean()
+        recon = -self.clamped_energy(self.batch_labels(batch)).reconstruction_log_likelihood(v).mean()
         self.log("val/loss", recon, on_epoch=True, sync_dist=True, batch_size=len(v))
 
     def configure_optimizers(self):
-        biases = [p for p in (self.b, self.c, self.log_sigma) if isinstance(p, nn.Parameter)]
-        groups = [{"params": [self.W], "weight_decay": self.config.weight_decay},
+        label_bias = [self.d] if self.conditional else []
+        biases = [p for p in (self.b, self.c, self.log_sigma) if isinstance(p, nn.Parameter)] + label_bias
+        weights = [self.W, self.U] if self.conditional else [self.W]
+        groups = [{"params": weights, "weight_decay": self.config.weight_decay},
                   {"params": biases, "weight_decay": 0.0}]
         return torch.optim.SGD(groups, lr=self.lr, momentum=self.config.momentum)
 
     def on_train_end(self) -> None:
         self.refresh_log_z()
+        if self.conditional:
+            self.fit_label_bias()
+
+    @torch.no_grad()
+    def fit_label_bias(self) -> None:
+        """The maximum-likelihood label bias given the other parameters, in closed form: d log p(x, y) / d d_y =
+        [y] - p(y), so the optimum has the model's label marginal Z_y / Z equal to the training frequencies; Z_y is
+        proportional to e^{d_y}, so d_y and log Z_y move by the same amount and no new AIS is needed. (CD-1 leaves
+        p(y) far off: on digits from 0.01 to 0.27 per class; this also lowers the test NLL by 0.4 nats.) A class
+        without training examples keeps its bias."""
+        shift = self.label_log_prior - self.class_log_prior()
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        old = self.d.detach().clone()
+        self.d.add_(shift.to(self.d.dtype))
+        self.class_log_z.add_(self.d.double() - old.double())  # the shift as stored (d may be float32)
+        self.log_z.fill_(float(torch.logsumexp(self.class_log_z, 0)))
 
     # --- log Z ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def refresh_log_z(self) -> None:
-        """Exact by enumeration when the hidden layer is small, else AIS (seeded: the same on every rank)."""
+        """Exact by enumeration when the hidden layer is small, else AIS (seeded: the same on every rank). A
+        conditional model keeps log Z_y per class and their sum (AIS: `ais_chains` / K chains for each class, all
+        annealed as one batch, so the cost is that of the unconditional model's AIS)."""
         energy = self.energy().detached(torch.float64)
         exact = self.config.n_hidden <= self.config.exact_max_hidden
-        if exact:
+        g = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        if self.conditional:
+            chains = -(-self.config.ais_chains // self.num_classes)
+            class_log_z = self.labels().detached(torch.float64).class_log_z(
+                energy, exact, chains, self.config.ais_steps, g)
+            self.class_log_z.copy_(class_log_z)
+            log_z = float(torch.logsumexp(class_log_z, 0))
+        elif exact:
             log_z = energy.log_z_enumerate()
         else:
-            g = torch.Generator(device=self.device).manual_seed(self.config.seed)
             log_z = energy.log_z_ais(self.config.ais_chains, self.config.ais_steps, g).log_z
         self.log_z.fill_(log_z)
         self.log_z_exact.fill_(exact)
 
-    # --- the contract --------------------------------------------------------------------------------------
-    def log_prob(self, x: Tensor) -> Tensor:
+    def ensure_log_z(self) -> None:
         if torch.isnan(self.log_z):
             self.refresh_log_z()
+
+    # --- the contract --------------------------------------------------------------------------------------
+    def log_prob(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        self.no_labels_unless_conditional(y)
+        if self.conditional and y is None:
+            return self.marginal_log_prob(x)
+        self.ensure_log_z()
         v = self.to_model(x)
-        return -self.energy().free_energy(v) - self.log_z.to(v.dtype) + self.units.log_jacobian(self.scale)
+        if y is None:
+            return -self.energy().free_energy(v) - self.log_z.to(v.dtype) + self.units.log_jacobian(self.scale)
+        y = torch.as_tensor(y, dtype=torch.long, device=v.device)
+        log_z_y = self.class_log_z.to(v.dtype)[y]
+        return -self.labels().free_energy(self.energy(), v, y) - log_z_y + self.units.log_jacobian(self.scale)
+
+    def class_log_likelihoods(self, x: Tensor) -> Tensor:
+        """log p(x | y) = -F(x, y) - log Z_y for all classes in one pass."""
+        self._require_conditional()
+        self.ensure_log_z()
+        v = self.to_model(x)
+        free = self.labels().free_energies(self.energy(), v)
+        return -free - self.class_log_z.to(v.dtype) + self.units.log_jacobian(self.scale)
+
+    def class_log_prior(self) -> Tensor:
+        """The model's own label marginal log p(y) = log Z_y - log Z."""
+        self._require_conditional()
+        self.ensure_log_z()
+        return self.class_log_z - self.log_z
+
+    def classify(self, x: Tensor) -> Tensor:
+        """log p(y | x) = log softmax_y(-F(x, y)): exact, log Z cancels."""
+        self._require_conditional()
+        return torch.log_softmax(-self.labels().free_energies(self.energy(), self.to_model(x)), 1)
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
-        """`sample_steps` Gibbs sweeps from draws of the base (independent-visibles) model."""
-        energy = self.energy()
-        v = self.units.sample(self.base.expand(n, -1), energy.sigma)
+    def sample(self, n: int, y: Optional[Tensor] = None) -> Tensor:
+        """`sample_steps` Gibbs sweeps from draws of the base (independent-visibles) model; a conditional model
+        clamps the label units to the requested classes (None: y ~ p(y))."""
+        self.no_labels_unless_conditional(y)
+        energy = self.clamped_energy(self.sample_labels(n, y) if self.conditional else None)
+        v = self.units.sample(energy.base.expand(n, -1), energy.sigma)
         for _ in range(self.config.sample_steps):
             v = energy.gibbs(v)
         return self.to_data_space(self.units.to_data(v, self.shift, self.scale).reshape(n, *self.info.shape))

@@ -49,11 +49,15 @@ class BernoulliUnits:
         return F.softplus(pre).sum(-1)
 
     @staticmethod
-    def statistics(x: Tensor) -> Statistics:
-        """Base bias = logit of the Laplace-smoothed pixel marginals (Salakhutdinov & Murray 2008's base
-        model; also Hinton 2010 guide sec. 8's initial visible bias)."""
-        p = ((x > 0.5).sum(0).double() + 1) / (len(x) + 2)
-        return torch.zeros(x.shape[1]), torch.ones(x.shape[1]), torch.logit(p).float()
+    def base_bias(v: Tensor) -> Tensor:
+        """The base model fitted to binary data v: logit of the Laplace-smoothed pixel marginals (Salakhutdinov
+        & Murray 2008's base model; also Hinton 2010 guide sec. 8's initial visible bias)."""
+        p = (v.sum(0).double() + 1) / (len(v) + 2)
+        return torch.logit(p).float()
+
+    @classmethod
+    def statistics(cls, x: Tensor) -> Statistics:
+        return torch.zeros(x.shape[1]), torch.ones(x.shape[1]), cls.base_bias(x > 0.5)
 
     @staticmethod
     def to_model(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -101,6 +105,11 @@ class GaussianUnits:
         """log int exp(-sum (v - bias)^2 / 2 sigma^2 + v.(pre - bias) / sigma^2) dv, by completing the square."""
         per_dim = (pre.square() - bias.square()) / (2 * sigma.square()) + sigma.log() + 0.5 * math.log(2 * math.pi)
         return per_dim.sum(-1)
+
+    @staticmethod
+    def base_bias(v: Tensor) -> Tensor:
+        """The base model fitted to standardised data v (its sigma is the RBM's): the data mean."""
+        return v.double().mean(0).float()
 
     @classmethod
     def statistics(cls, x: Tensor) -> Statistics:
