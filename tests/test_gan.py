@@ -1,5 +1,6 @@
 """The GAN family: losses, nets, spectral norm, TTUR/n_critic schedule, EMA of G, checkpoints, DDP, and
-that training on 8 Gaussians covers the modes."""
+that training on 8 Gaussians covers the modes; conditional: the projection discriminator's closed form,
+checkpoints, and that samples asked for a component land on it."""
 from __future__ import annotations
 
 import copy
@@ -16,11 +17,12 @@ from lightning_modules.contract import DataInfo
 from lightning_modules.gan.model import GAN, ema_decay_at, ema_update_
 from lightning_modules.gan.losses import gan_loss
 from lightning_modules.common.nets import num_stages
-from lightning_modules.gan.nets import SpectralNorm, build_pair
+from lightning_modules.gan.nets import ProjectionDiscriminator, SpectralNorm, build_pair
 from lightning_modules.registry import family_class
 from pipeline.data.toy2d import EIGHT_GAUSSIANS_RADIUS, EIGHT_GAUSSIANS_STD, eight_gaussians
 
 VECTOR = {"shape": [2], "kind": "vector"}
+EIGHT = {**VECTOR, "num_classes": 8}  # toy2d:8gaussians, the component as the label
 DIGITS = {"shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}
 TINY = {"width": 8, "latent_dim": 2, "mlp_layers": 1}
 
@@ -40,8 +42,9 @@ def make_trainer(tmp_path, **kw) -> pl.Trainer:
                       enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
-def loader(x: torch.Tensor, batch_size: int, shuffle: bool = False) -> DataLoader:
-    return DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=batch_size, shuffle=shuffle)
+def loader(x: torch.Tensor, batch_size: int, shuffle: bool = False, y: torch.Tensor | None = None) -> DataLoader:
+    y = torch.zeros(len(x), dtype=torch.long) if y is None else y
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
 
 
 # --- losses ---------------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def test_contract_attributes_and_config():
 
 
 def test_checkpoint_round_trip_and_image_contract(tmp_path):
-    model = GAN({"width": 4, "latent_dim": 3, "loss": "nonsaturating"}, DIGITS)
+    model = GAN({"width": 4, "latent_dim": 3, "loss": "nonsaturating", "conditional": False}, DIGITS)
     trainer = make_trainer(tmp_path, max_epochs=1)
     images = torch.rand(32, 1, 8, 8)
     trainer.fit(model, loader(images, 8), loader(images[:16], 8))
@@ -270,21 +273,169 @@ def test_ddp_spawn_two_processes(tmp_path):
 
 
 # --- does it learn? -------------------------------------------------------------------------------
+# TTUR (D twice as fast) and two D steps per G step; no spectral norm: on 2-D toys it slows D down a lot
+TOY_CFG = {"width": 64, "latent_dim": 4, "mlp_layers": 2, "loss": "nonsaturating", "spectral_norm": False,
+           "lr_g": 1e-3, "lr_d": 2e-3, "beta2_g": 0.9, "beta2_d": 0.9, "n_critic": 2, "ema_decay": 0.0}
+
+
+def nearest_centre(s: np.ndarray) -> tuple:
+    """(index of the nearest of the 8 centres, distance to it) for each 2-D point."""
+    angles = np.arange(8) * 2 * np.pi / 8
+    centres = EIGHT_GAUSSIANS_RADIUS * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    dist = np.linalg.norm(s[:, None, :] - centres[None], axis=-1)
+    return dist.argmin(axis=1), dist.min(axis=1)
+
+
 def test_eight_gaussians_modes_are_covered(tmp_path):
     torch.manual_seed(0)
     x, _ = eight_gaussians(4096, np.random.default_rng(0))
-    # TTUR (D twice as fast) and two D steps per G step; no spectral norm: on 2-D toys it slows D down a lot
-    cfg = {"width": 64, "latent_dim": 4, "mlp_layers": 2, "loss": "nonsaturating", "spectral_norm": False,
-           "lr_g": 1e-3, "lr_d": 2e-3, "beta2_g": 0.9, "beta2_d": 0.9, "n_critic": 2, "ema_decay": 0.0}
-    model = GAN(cfg, VECTOR)
+    model = GAN(TOY_CFG, VECTOR)
     data = loader(torch.tensor(x, dtype=torch.float32), 512, shuffle=True)
     make_trainer(tmp_path, max_epochs=100).fit(model, data)  # 800 D steps, 400 G steps
 
-    angles = np.arange(8) * 2 * np.pi / 8
-    centres = EIGHT_GAUSSIANS_RADIUS * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    s = model.sample(2000).numpy()
-    dist = np.linalg.norm(s[:, None, :] - centres[None], axis=-1)
-    near = dist.min(axis=1) < 3 * EIGHT_GAUSSIANS_STD
-    modes_hit = np.unique(dist.argmin(axis=1)[near])
+    nearest, dist = nearest_centre(model.sample(2000).numpy())
+    near = dist < 3 * EIGHT_GAUSSIANS_STD
+    modes_hit = np.unique(nearest[near])
     assert len(modes_hit) >= 7, f"modes covered: {modes_hit}"
     assert near.mean() > 0.6, f"only {near.mean():.2f} of samples near a mode"
+
+
+# --- conditional: P(X, Y) -------------------------------------------------------------------------
+def weight_and_bias(layer: nn.Module):
+    """The weight a (possibly spectrally normalised) linear layer runs with, and its bias, in float64 numpy."""
+    bias = (layer.layer if isinstance(layer, SpectralNorm) else layer).bias
+    as_np = lambda t: None if t is None else t.detach().double().numpy()  # noqa: E731
+    return as_np(layer.weight), as_np(bias)
+
+
+@pytest.mark.parametrize("info", [DataInfo((1, 8, 8), "image", levels=17, num_classes=10),
+                                  DataInfo((2,), "vector", num_classes=8)])
+@pytest.mark.parametrize("spectral", [True, False])
+def test_projection_discriminator_equals_its_closed_form(info, spectral):
+    """D(x, y) = w . phi(x) + b + v_y . phi(x) (Miyato & Koyama 2018, eq. 3), in float64 numpy."""
+    torch.manual_seed(0)
+    k = info.num_classes
+    g, d = build_pair(info, latent_dim=3, width=8, mlp_layers=2, spectral=spectral, num_classes=k)
+    assert isinstance(d, ProjectionDiscriminator)
+    d.eval()  # no power iteration between the forwards compared below
+    with torch.no_grad():
+        for p in d.parameters():  # away from the N(0, 0.02) init, so both terms matter
+            p.copy_(torch.randn_like(p))
+    y = torch.randint(0, k, (40,))
+    x = g(torch.randn(40, 3), y).detach()
+    assert x.shape == (40, *info.shape)
+    phi = d.features(x).detach().double().numpy()
+    w, b = weight_and_bias(d.head)
+    v, no_bias = weight_and_bias(d.embed)
+    assert no_bias is None and v.shape == (k, phi.shape[1])
+    want = phi @ w[0] + b[0] + np.einsum("bf,bf->b", v[y.numpy()], phi)
+    np.testing.assert_allclose(d(x, y).detach().double().numpy(), want, rtol=1e-4, atol=1e-4)
+    every = (phi @ w[0] + b[0])[:, None] + phi @ v.T  # all classes at once
+    np.testing.assert_allclose(d.class_logits(x).detach().double().numpy(), every, rtol=1e-4, atol=1e-4)
+
+
+def test_conditional_contract():
+    model = GAN(TINY, EIGHT)
+    assert model.conditional and model.num_classes == 8
+    assert not model.can_classify() and not GAN.has_log_prob()
+    with pytest.raises(NotImplementedError):
+        model.classify(torch.zeros(3, 2))
+    with pytest.raises(NotImplementedError):
+        model.log_prob(torch.zeros(3, 2))
+    assert model.sample(6, torch.tensor([0, 1, 2, 3, 4, 7])).shape == (6, 2)
+    assert model.sample(6).shape == (6, 2)  # y ~ p(y)
+    with pytest.raises(ValueError, match="labels"):
+        model.sample(2, torch.tensor([0, 8]))
+    unconditional = GAN({**TINY, "conditional": False}, EIGHT)
+    assert not unconditional.conditional and not unconditional.can_classify()
+    assert not isinstance(unconditional.discriminator, ProjectionDiscriminator)
+    with pytest.raises(ValueError, match="without labels"):
+        unconditional.sample(2, torch.tensor([0, 1]))
+
+
+def test_conditional_fakes_draw_classes_from_the_prior():
+    model = GAN(TINY, EIGHT)
+    model.set_class_prior(torch.tensor([2] * 30 + [5] * 10))
+    torch.manual_seed(0)
+    y = model.fake_labels(4000)
+    # p(2) = 3/4, p(5) = 1/4 and nothing else; binomial sd of the share is 0.007
+    assert set(y.tolist()) == {2, 5}
+    assert (y == 2).float().mean().item() == pytest.approx(0.75, abs=0.03)
+    g = torch.Generator().manual_seed(1)  # the seeded draw of validation repeats itself
+    assert torch.equal(model.fake_labels(50, g), model.fake_labels(50, torch.Generator().manual_seed(1)))
+
+
+def test_conditional_checkpoint_round_trip(tmp_path):
+    model = GAN({"width": 4, "latent_dim": 3, "conditional": True}, DIGITS)
+    images, labels = torch.rand(32, 1, 8, 8), torch.arange(32) % 10
+    model.set_class_prior(labels[:30])  # not uniform: 0 and 1 are a little rarer
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, loader(images, 8, y=labels), loader(images[:16], 8, y=labels[:16]))
+    assert {"train/loss_d", "train/loss_g", "val/loss"} <= set(trainer.callback_metrics)
+    path = tmp_path / "gan.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = GAN.load_from_checkpoint(path, weights_only=True)
+    assert loaded.config == model.config and loaded.info == model.info and loaded.conditional
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert {"label_log_prior", "generator.embed.weight", "discriminator.embed.layer.weight"} <= set(state)
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    assert not loaded.can_classify()
+
+    want = torch.tensor([3, 3, 0, 9, 5])
+    torch.manual_seed(1)
+    s = loaded.sample(5, want)
+    torch.manual_seed(1)
+    torch.testing.assert_close(s, model.sample(5, want))
+    assert s.shape == (5, 1, 8, 8) and s.min() >= 0 and s.max() <= 1
+    # anomaly score: -max_y D(x, y), against one D(x, y) pass per class
+    loaded.discriminator.eval()
+    per_class = torch.stack([loaded.discriminator(images, torch.full((32,), c)) for c in range(10)], 1)
+    torch.testing.assert_close(loaded.anomaly_score(images), -per_class.max(1).values)
+    assert loaded.encode(images).shape == (32, 4 * 2 * 4 * 4)
+
+
+def test_conditional_losses_reach_every_parameter():
+    """What plain DDP (find_unused_parameters=False) needs: each player's loss gives every parameter of G and D,
+    the class embeddings included, a gradient."""
+    model = GAN(TINY, EIGHT)
+    x, y = torch.randn(16, 2), torch.arange(16) % 8
+
+    def d_loss():
+        fake, y_fake = model.fakes(16)
+        return model.discriminator_loss(x, fake, y, y_fake)
+
+    for loss in (d_loss, lambda: model.loss.generator(model.critic(*model.fakes(16)))):
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+        assert all(p.grad is not None for p in model.generator.parameters())
+        assert all(p.grad is not None for p in model.discriminator.parameters())
+
+
+@pytest.mark.slow
+def test_conditional_ddp_spawn_two_processes(tmp_path):
+    """The conditional pair under ddp_spawn (the fast suite runs the unconditional one)."""
+    model = GAN({**TINY, "n_critic": 2}, EIGHT)
+    model.set_class_prior(torch.arange(32) % 8)
+    before = [p.detach().clone() for p in model.generator.parameters()]
+    x, y = torch.randn(32, 2), torch.arange(32) % 8
+    trainer = make_trainer(tmp_path, devices=2, strategy="ddp_spawn", max_epochs=1)
+    trainer.fit(model, loader(x, 4, y=y), loader(x[:8], 4, y=y[:8]))
+    assert trainer.state.finished and int(model.d_steps) == 4
+    assert not torch.equal(before[-1], model.generator.embed.weight)
+    assert math.isfinite(float(trainer.callback_metrics["val/loss"]))
+
+
+def test_eight_gaussians_samples_land_on_the_requested_component(tmp_path):
+    """Issue 10: >= 95% of the samples asked for component c fall nearest to centre c, for every c."""
+    torch.manual_seed(0)
+    x, c = eight_gaussians(4096, np.random.default_rng(0))
+    model = GAN(TOY_CFG, EIGHT)
+    model.set_class_prior(torch.as_tensor(c))
+    data = loader(torch.tensor(x, dtype=torch.float32), 512, shuffle=True, y=torch.as_tensor(c))
+    make_trainer(tmp_path, max_epochs=80).fit(model, data)  # 640 D steps, 320 G steps
+
+    asked = torch.arange(8).repeat_interleave(250)
+    nearest, _ = nearest_centre(model.sample(len(asked), asked).numpy())
+    share = np.array([(nearest[asked.numpy() == k] == k).mean() for k in range(8)])
+    assert share.min() >= 0.95, f"share nearest the requested centre, per class: {share.round(3)}"

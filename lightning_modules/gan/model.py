@@ -10,6 +10,13 @@
 A GAN has no likelihood (`log_prob_kind = None`); `encode` gives D's penultimate features and the anomaly
 score is -D(x). The kept checkpoint is the one with the best validation FID, measured every
 `fid_every_n_epochs` epochs (`sample_quality_every_n_epochs` in the contract).
+
+Conditional (P(X, Y), labelled data): G(z, y) and the projection discriminator D(x, y) of Miyato & Koyama
+2018 (see `nets`). D sees the real pairs (x, y) of the batch and fakes G(z, y') with y' ~ p(y), the
+training labels' frequencies; G is trained on fresh (z, y') the same way. It still has no likelihood, so
+it cannot classify (`can_classify` is False). The anomaly score is -max_y D(x, y): how real x looks as
+the class it most resembles (a real digit scores high for its own class, so a label-agnostic score
+should not penalise it for the others); `encode` stays phi(x), which does not depend on y.
 """
 from __future__ import annotations
 
@@ -90,7 +97,8 @@ class GAN(GenerativeModel):
         with torch.random.fork_rng():  # initial weights depend on cfg.seed only
             torch.manual_seed(self.config.seed)
             self.generator, self.discriminator = build_pair(
-                self.info, self.config.latent_dim, self.config.width, self.config.mlp_layers, self.config.spectral_norm)
+                self.info, self.config.latent_dim, self.config.width, self.config.mlp_layers, self.config.spectral_norm,
+                self.num_classes)
         # Not a parameter of any optimiser: frozen, so DDP does not expect gradients for it.
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if self.config.ema_decay > 0 else None
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))  # survives checkpoints
@@ -98,10 +106,12 @@ class GAN(GenerativeModel):
 
     # --- the contract -------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, y: Optional[Tensor] = None) -> Tensor:
+        self.no_labels_unless_conditional(y)
+        labels = self.sample_labels(n, y) if self.conditional else None
         generator = self.generator_ema if self.generator_ema is not None else self.generator
         with evaluating(generator):
-            return generator(self.noise(n))
+            return self.generate(generator, self.noise(n), labels)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.discriminator.features(x)
@@ -110,11 +120,35 @@ class GAN(GenerativeModel):
         return self.config.fid_every_n_epochs
 
     def anomaly_score(self, x: Tensor) -> Tensor:
+        if self.conditional:
+            return -self.discriminator.class_logits(x).max(1).values
         return -self.discriminator(x)
 
     # --- training -------------------------------------------------------------------------------
     def noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return torch.randn(n, self.config.latent_dim, generator=generator).to(self.device)
+
+    def fake_labels(self, n: int, generator: torch.Generator | None = None) -> Optional[Tensor]:
+        """Classes for n fakes, y ~ p(y) (`generator`: a seeded draw); None for an unconditional model."""
+        if not self.conditional:
+            return None
+        if generator is None:
+            return self.sample_labels(n)
+        prior = self.class_log_prior().exp().float().cpu()
+        return torch.multinomial(prior, n, replacement=True, generator=generator).to(self.device)
+
+    @staticmethod
+    def generate(generator: nn.Module, z: Tensor, y: Optional[Tensor]) -> Tensor:
+        return generator(z) if y is None else generator(z, y)
+
+    def critic(self, x: Tensor, y: Optional[Tensor]) -> Tensor:
+        """D(x), or D(x, y) for a conditional model."""
+        return self.discriminator(x) if y is None else self.discriminator(x, y)
+
+    def fakes(self, n: int, generator: torch.Generator | None = None):
+        """(G(z, y), y) for n fresh draws of z (and y ~ p(y); y is None when unconditional), from the trained G."""
+        y = self.fake_labels(n, generator)
+        return self.generate(self.generator, self.noise(n, generator), y), y
 
     def configure_optimizers(self):
         adam = lambda params, lr, b1, b2: torch.optim.Adam(params, lr=lr, betas=(b1, b2))  # noqa: E731
@@ -122,9 +156,11 @@ class GAN(GenerativeModel):
         return [adam(self.generator.parameters(), c.lr_g, c.beta1_g, c.beta2_g),
                 adam(self.discriminator.parameters(), c.lr_d, c.beta1_d, c.beta2_d)]
 
-    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
+    def discriminator_loss(self, real: Tensor, fake: Tensor, y_real: Optional[Tensor] = None,
+                           y_fake: Optional[Tensor] = None) -> Tensor:
         # D has no BatchNorm, so one forward pass over both halves equals two separate ones
-        logits = self.discriminator(torch.cat([real, fake]))
+        y = None if y_real is None else torch.cat([y_real, y_fake])
+        logits = self.critic(torch.cat([real, fake]), y)
         return self.loss.discriminator(logits[: len(real)], logits[len(real):])
 
     def _optimizer_step(self, optimizer, loss: Tensor) -> Tensor:
@@ -139,26 +175,32 @@ class GAN(GenerativeModel):
         optimizer.step()
         return loss.detach()
 
+    def real_batch(self, batch):
+        """(x, y) of a batch; y is None for an unconditional model, which ignores the labels."""
+        return batch[0], (batch[1] if self.conditional else None)
+
     def training_step(self, batch, batch_idx):
-        x = batch[0]
+        x, y = self.real_batch(batch)
         opt_g, opt_d = self.optimizers()
         log = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=len(x))
 
-        loss_d = self._optimizer_step(opt_d, self.discriminator_loss(x, self.generator(self.noise(len(x)))))
+        fake, y_fake = self.fakes(len(x))
+        loss_d = self._optimizer_step(opt_d, self.discriminator_loss(x, fake, y, y_fake))
         self.d_steps += 1
         # train/loss is D's loss, the same quantity as val/loss: their gap shows D overfitting
         self.log("train/loss_d", loss_d, **log)
         self.log("train/loss", loss_d, **log)
 
         if int(self.d_steps) % self.config.n_critic == 0:
-            loss_g = self._optimizer_step(opt_g, self.loss.generator(self.discriminator(self.generator(self.noise(len(x))))))
+            loss_g = self._optimizer_step(opt_g, self.loss.generator(self.critic(*self.fakes(len(x)))))
             self.log("train/loss_g", loss_g, **log)
             if self.generator_ema is not None:
                 self.g_steps += 1
                 ema_update_(self.generator_ema, self.generator, ema_decay_at(self.config.ema_decay, int(self.g_steps)))
 
     def validation_step(self, batch, batch_idx):
-        x = batch[0]
+        x, y = self.real_batch(batch)
         g = torch.Generator().manual_seed(self.config.seed + batch_idx)  # the same fakes every validation
-        loss = self.discriminator_loss(x, self.generator(self.noise(len(x), g)))
+        fake, y_fake = self.fakes(len(x), g)
+        loss = self.discriminator_loss(x, fake, y, y_fake)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(x))

@@ -10,11 +10,16 @@ pair over the flattened example.
 
 Every discriminator is `features` (its penultimate representation, what `encode` returns) followed by a
 linear `head` to one logit.
+
+Class-conditional pairs (P(X, Y)): the generator sees a learned class embedding concatenated to its noise,
+G(z, y) = G'([z, e(y)]), and the discriminator is the projection discriminator of Miyato & Koyama 2018
+(eq. 3), D(x, y) = psi(phi(x)) + <v_y, phi(x)>, with phi = `features`, psi = `head` and the class vectors
+v_y the rows of a bias-free linear layer `embed` (so spectral norm covers them too, as in their SNEmbedID).
 """
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +83,8 @@ def _dcgan_init(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.normal_(m.weight, 0.0, 0.02)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:  # the projection's class vectors have none
+                nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
@@ -94,6 +100,43 @@ class Discriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x)).squeeze(-1)
+
+
+class ProjectionDiscriminator(Discriminator):
+    """D(x, y) = psi(phi(x)) + <v_y, phi(x)> (Miyato & Koyama 2018, eq. 3); `embed` holds the v_y as rows."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__(features, feature_dim)
+        self.embed = nn.Linear(feature_dim, num_classes, bias=False)
+
+    def class_logits(self, x: Tensor) -> Tensor:
+        """D(x, y) for every class y, shape (B, K), from one pass of `features`."""
+        h = self.features(x)
+        return self.head(h) + self.embed(h)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        h = self.features(x)
+        return self.head(h).squeeze(-1) + self.embed(h).gather(1, y[:, None]).squeeze(1)
+
+
+class ConditionalGenerator(nn.Module):
+    """G(z, y) = net([z, e(y)]): a learned embedding of the class concatenated to the noise; `net` takes
+    latent_dim + embed_dim inputs."""
+
+    def __init__(self, net: nn.Module, num_classes: int, embed_dim: int):
+        super().__init__()
+        self.net = net
+        self.embed = nn.Embedding(num_classes, embed_dim)  # N(0, 1) rows, the scale of z
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+        return self.net(torch.cat([z, self.embed(y)], 1))
+
+
+def discriminator(features: nn.Module, feature_dim: int, num_classes: Optional[int]) -> Discriminator:
+    """The plain discriminator, or the projection one for `num_classes` classes."""
+    if num_classes is None:
+        return Discriminator(features, feature_dim)
+    return ProjectionDiscriminator(features, feature_dim, num_classes)
 
 
 # --- images: DCGAN ------------------------------------------------------------------------------
@@ -119,14 +162,15 @@ class DCGANGenerator(nn.Module):
         return self.to_image(self.upsample(self.project(z)))
 
 
-def dcgan_discriminator(shape: Tuple[int, int, int], width: int, spectral: bool, min_seed: int = 4) -> Discriminator:
+def dcgan_discriminator(shape: Tuple[int, int, int], width: int, spectral: bool, num_classes: Optional[int] = None,
+                        min_seed: int = 4) -> Discriminator:
     channels, height, wide = shape
     k = num_stages(height, wide, min_seed)
     layers = [nn.Conv2d(channels, width, 3, 1, 1), nn.LeakyReLU(LEAK)]
     for i in range(k):  # width * 2^i channels -> width * 2^(i+1), spatial size halves
         layers += [nn.Conv2d(width * 2**i, width * 2 ** (i + 1), 4, 2, 1), nn.LeakyReLU(LEAK)]
     feature_dim = width * 2**k * (height // 2**k) * (wide // 2**k)
-    d = Discriminator(nn.Sequential(*layers, nn.Flatten()), feature_dim)
+    d = discriminator(nn.Sequential(*layers, nn.Flatten()), feature_dim, num_classes)
     _dcgan_init(d)
     return with_spectral_norm(d) if spectral else d
 
@@ -142,19 +186,26 @@ class MLPGenerator(nn.Module):
         return self.net(z)
 
 
-def mlp_discriminator(shape: tuple, width: int, layers: int, spectral: bool) -> Discriminator:
+def mlp_discriminator(shape: tuple, width: int, layers: int, spectral: bool,
+                      num_classes: Optional[int] = None) -> Discriminator:
     hidden = mlp_layers([math.prod(shape)] + [width] * layers, lambda: nn.LeakyReLU(LEAK))
-    d = Discriminator(nn.Sequential(nn.Flatten(), *hidden), width)
+    d = discriminator(nn.Sequential(nn.Flatten(), *hidden), width, num_classes)
     return with_spectral_norm(d) if spectral else d
 
 
-def build_pair(info: DataInfo, latent_dim: int, width: int, mlp_layers: int, spectral: bool):
-    """(generator, discriminator) for this data: DCGAN for images, an MLP pair otherwise."""
+def build_pair(info: DataInfo, latent_dim: int, width: int, mlp_layers: int, spectral: bool,
+               num_classes: Optional[int] = None):
+    """(generator, discriminator) for this data: DCGAN for images, an MLP pair otherwise. With `num_classes`
+    the pair is class-conditional: G(z, y) takes a class embedding of latent_dim units beside z, and D(x, y)
+    is the projection discriminator."""
     if info.vocab_size is not None:
         raise ValueError("the GAN family needs continuous data; token sequences are not supported")
+    g_in = latent_dim if num_classes is None else 2 * latent_dim
     if info.kind == "image":
         shape = tuple(info.shape)
-        return DCGANGenerator(shape, latent_dim, width), dcgan_discriminator(shape, width, spectral)
-    bounded = info.levels is not None  # dequantised levels live in [0, 1]
-    return (MLPGenerator(info.shape, latent_dim, width, mlp_layers, bounded),
-            mlp_discriminator(info.shape, width, mlp_layers, spectral))
+        g, d = DCGANGenerator(shape, g_in, width), dcgan_discriminator(shape, width, spectral, num_classes)
+    else:
+        bounded = info.levels is not None  # dequantised levels live in [0, 1]
+        g = MLPGenerator(info.shape, g_in, width, mlp_layers, bounded)
+        d = mlp_discriminator(info.shape, width, mlp_layers, spectral, num_classes)
+    return (g, d) if num_classes is None else (ConditionalGenerator(g, num_classes, latent_dim), d)
