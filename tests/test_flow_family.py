@@ -1,5 +1,7 @@
 """The flow family through the contract: exact density (autograd Jacobian, grid integration, closed-form
-true density of 8gaussians), sampling and temperature, checkpoints, and DDP consistency."""
+true density of 8gaussians), sampling and temperature, checkpoints, and DDP consistency; the class-
+conditional flow's p(x | y) (grid integration per class), its marginal and Bayes classifier (scipy's
+log-sum-exp of the class densities and training frequencies), and its label-obeying samples."""
 from __future__ import annotations
 
 import math
@@ -17,7 +19,7 @@ from pipeline.data.toy2d import eight_gaussians, eight_gaussians_log_density
 
 DIGITS = {"shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}
 TOY = {"shape": [2], "kind": "vector"}
-SMALL_IMAGE = {"steps_per_scale": 2, "hidden_channels": 16}
+SMALL_IMAGE = {"steps_per_scale": 2, "hidden_channels": 16, "conditional": False}
 FAST_GAP = 0.9  # nats; measured 0.66 after these 400 steps
 SLOW_EPOCHS = 60
 SLOW_CONFIG = {"vector_steps": 12, "hidden_features": 128}  # the default 8 x 64 MAF stalls near 0.16 nats
@@ -61,27 +63,31 @@ def test_config_has_the_required_fields_and_rejects_unknown_keys():
     assert Flow.log_prob_kind == "exact" and Flow.has_encoder() and Flow.family == "flow"
 
 
-def test_log_prob_is_base_density_plus_jacobian_of_encode():
-    """log p(x) = log N(f(x); 0, I) + log|det df/dx|, with the Jacobian from autograd (float64)."""
-    info = {"shape": [1, 4, 4], "kind": "image", "levels": 17}
-    model = Flow({**SMALL_IMAGE, "scales": 2}, info).double().eval()
+@pytest.mark.parametrize("conditional", [False, True])
+def test_log_prob_is_base_density_plus_jacobian_of_encode(conditional):
+    """log p(x) = log N(f(x); 0, I) + log|det df/dx|, with the Jacobian from autograd (float64); for the
+    class-conditional flow log p(x | y) = log N(f(x); mean_y, diag(scale_y^2)) + log|det df/dx|."""
+    info = {"shape": [1, 4, 4], "kind": "image", "levels": 17, "num_classes": 3}
+    model = Flow({**SMALL_IMAGE, "scales": 2, "conditional": conditional}, info).double().eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():  # random weights: no layer is the identity
             p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     x = torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64)
-    lp = model.log_prob(x)
+    y = torch.tensor([2, 0, 1])
+    lp = model.log_prob(x, y if conditional else None)
     for i in range(3):
         jac = jacobian(lambda v: model.encode(v.reshape(1, 1, 4, 4)).reshape(-1), x[i].reshape(-1))
         z = model.encode(x[i : i + 1])[0]
-        expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum() + torch.linalg.slogdet(jac).logabsdet
-        assert lp[i].item() == pytest.approx(expected.item(), abs=1e-8)
+        mean, scale = (model.flow.base.mean[y[i]], model.flow.base.log_scale[y[i]].exp()) if conditional else (0.0, 1.0)
+        base = torch.distributions.Normal(mean, scale).log_prob(z).sum()
+        assert lp[i].item() == pytest.approx((base + torch.linalg.slogdet(jac).logabsdet).item(), abs=1e-8)
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (2,), (5,)])
 def test_builds_for_every_data_shape(shape):
     info = {"shape": list(shape), "kind": "image" if len(shape) == 3 else "vector", "levels": 256 if len(shape) == 3 else None}
-    model = Flow({"steps_per_scale": 1, "hidden_channels": 8, "vector_steps": 2}, info).eval()
+    model = Flow({"steps_per_scale": 1, "hidden_channels": 8, "vector_steps": 2, "conditional": False}, info).eval()
     x = torch.rand(2, *shape)
     assert model.log_prob(x).shape == (2,) and torch.isfinite(model.log_prob(x)).all()
     assert model.encode(x).shape == (2, math.prod(shape))
@@ -90,7 +96,7 @@ def test_builds_for_every_data_shape(shape):
 
 def test_too_many_scales_for_the_image_size_is_a_clear_error():
     with pytest.raises(ValueError, match="scales"):
-        Flow({"scales": 4}, DIGITS)
+        Flow({"scales": 4, "conditional": False}, DIGITS)
 
 
 def test_untrained_flow_at_temperature_zero_gives_the_grey_image():
@@ -222,3 +228,86 @@ def test_ddp_two_processes_agree(tmp_path):
     for k in final[0]:
         assert torch.equal(final[0][k], final[1][k]), k
     assert any(not torch.equal(final[0][k], initial[k]) for k in initial if k.endswith("weight"))
+
+
+# --- the class-conditional flow ---------------------------------------------------------------------
+TWO_CLASSES = {"shape": [2], "kind": "vector", "num_classes": 2}
+EIGHT_CLASSES = {"shape": [2], "kind": "vector", "num_classes": 8}
+
+
+def fit_labelled(tmp_path, toy, info, cfg, n_train=4000, max_epochs=5):
+    """A conditional flow fitted briefly to a labelled toy set, its class prior from the counts."""
+    x, y = toy(n_train, np.random.default_rng(0))
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    pl.seed_everything(0, verbose=False)
+    model = Flow({"vector_steps": 4, "hidden_features": 32, "lr": 5e-3, **cfg}, info)
+    model.set_class_prior(y)
+    loader = DataLoader(TensorDataset(x, y), batch_size=100, shuffle=True)
+    trainer(tmp_path, max_epochs=max_epochs).fit(model, loader)
+    return model.eval(), y.numpy()
+
+
+def test_class_conditional_densities_integrate_and_the_marginal_is_their_mixture(tmp_path):
+    """On two moons: each p(x | y) integrates to 1 on a grid; log p(x) and p(y | x) equal scipy's
+    log-sum-exp of those class densities and the training frequencies (exact family: 1e-6)."""
+    from scipy.special import logsumexp
+
+    from pipeline.data.toy2d import moons
+
+    model, y_train = fit_labelled(tmp_path, moons, TWO_CLASSES, {}, max_epochs=3)
+    model.double()
+    n, half = 401, 5.0
+    g = torch.linspace(-half, half, n, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        for c in (0, 1):
+            p = model.log_prob(grid, torch.full((len(grid),), c)).exp().reshape(n, n)
+            assert torch.trapezoid(torch.trapezoid(p, g, dim=1), g).item() == pytest.approx(1.0, abs=1e-2)
+        x, y = (torch.tensor(a) for a in moons(1000, np.random.default_rng(1)))
+        per_class = np.stack([model.log_prob(x, torch.full((len(x),), c)).numpy() for c in (0, 1)], 1)
+        marginal, posterior = model.log_prob(x).numpy(), model.classify(x).numpy()
+    log_prior = np.log(np.bincount(y_train, minlength=2) / len(y_train))
+    joint = per_class + log_prior
+    np.testing.assert_allclose(marginal, logsumexp(joint, 1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(posterior, joint - logsumexp(joint, 1, keepdims=True), rtol=0, atol=1e-6)
+    assert (posterior.argmax(1) == y.numpy()).mean() > 0.9  # and the classes are told apart (0.95 measured)
+
+
+def test_conditional_samples_obey_the_label(tmp_path):
+    """8gaussians with the component as the label: >= 95% of the samples asked for class c lie nearest to
+    centre c."""
+    from pipeline.data.toy2d import EIGHT_GAUSSIANS_RADIUS
+
+    model, _ = fit_labelled(tmp_path, eight_gaussians, EIGHT_CLASSES, {"vector_steps": 2}, max_epochs=3)
+    labels = torch.arange(8).repeat_interleave(200)
+    torch.manual_seed(0)
+    s = model.sample(len(labels), labels)
+    angles = torch.arange(8) * (2 * math.pi / 8)
+    centres = EIGHT_GAUSSIANS_RADIUS * torch.stack([angles.cos(), angles.sin()], 1)
+    nearest = torch.cdist(s, centres).argmin(1)
+    per_class = torch.stack([(nearest[labels == c] == c).float().mean() for c in range(8)])
+    assert per_class.min() >= 0.95, per_class
+
+
+def test_conditional_checkpoint_round_trip(tmp_path):
+    """weights_only checkpoint of a conditional image flow: the same class densities and class samples."""
+    model = Flow({**SMALL_IMAGE, "conditional": True}, DIGITS)
+    labels = torch.arange(10).repeat(13)[:128]
+    x = next(iter(digits_loader(128)))[0]
+    with torch.no_grad():
+        model.flow.base.mean.normal_()  # distinct classes, as training would leave them
+    model.set_class_prior(torch.tensor([0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    t = trainer(tmp_path, max_steps=2)
+    t.fit(model, DataLoader(TensorDataset(x, labels), batch_size=64))
+    path = tmp_path / "flow.ckpt"
+    t.save_checkpoint(path)
+    loaded = Flow.load_from_checkpoint(path, weights_only=True).eval()
+    model.eval()
+    assert loaded.conditional and loaded.num_classes == 10
+    assert torch.equal(loaded.class_log_prior(), model.class_log_prior())
+    assert torch.equal(loaded.class_log_likelihoods(x), model.class_log_likelihoods(x))
+    assert torch.equal(loaded.classify(x), model.classify(x))
+    torch.manual_seed(1)
+    a = model.sample(8, torch.arange(8), temperature=0.8)
+    torch.manual_seed(1)
+    assert torch.equal(loaded.sample(8, torch.arange(8), temperature=0.8), a)

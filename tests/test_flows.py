@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.autograd.functional import jacobian
 
 from lightning_modules.flow.transforms import (
-    MADE, ActNorm, AffineCoupling, Flatten, InvertibleConv1x1, Logit, MaskedAffineAutoregressive, NormalizingFlow,
-    Sequential, Split, Squeeze, StandardNormal, channel_mask, checkerboard_mask,
+    MADE, ActNorm, AffineCoupling, ClassConditionalNormal, Flatten, InvertibleConv1x1, Logit,
+    MaskedAffineAutoregressive, NormalizingFlow, Sequential, Split, Squeeze, StandardNormal, channel_mask,
+    checkerboard_mask,
 )
 from lightning_modules.flow.transforms.nets import conv_net, mlp
 
@@ -193,3 +195,41 @@ def test_standard_normal():
     torch.manual_seed(0)
     s = base.sample(20_000, temperature=0.5)
     assert s.shape == (20_000, 3) and (s.std(0) - 0.5).abs().max() < 0.02
+
+
+def test_class_conditional_normal():
+    """Each class's density and samples against scipy's diagonal Gaussian of that class's mean and scale."""
+    from scipy.stats import multivariate_normal
+
+    base = randomize(ClassConditionalNormal(3, 4)).double().eval()
+    z = vector_batch(3, n=6)
+    y = torch.tensor([0, 1, 2, 3, 1, 0])
+    mean, scale = base.mean.detach().numpy(), base.log_scale.detach().exp().numpy()
+    ref = torch.tensor([[multivariate_normal(mean[c], np.diag(scale[c] ** 2)).logpdf(zi) for c in range(4)]
+                        for zi in z.numpy()])
+    assert torch.allclose(base.class_log_probs(z), ref, atol=1e-10)
+    assert torch.allclose(base.log_prob(z, y), ref[torch.arange(6), y], atol=1e-10)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        s = base.sample(torch.full((20_000,), 2), temperature=0.5)
+    assert s.shape == (20_000, 3)
+    assert np.abs(s.mean(0).numpy() - mean[2]).max() < 0.02
+    assert np.abs(s.std(0).numpy() / (0.5 * scale[2]) - 1).max() < 0.03
+
+
+def test_class_conditional_normal_data_init():
+    """The first training-mode call sets each class's mean and log-scale to its batch statistics (numpy); a
+    class with fewer than two examples stays the standard normal, and later calls change nothing."""
+    base = ClassConditionalNormal(3, 4).double().train()
+    z = vector_batch(3, n=9) * 2 + 1
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1, 3, 0])
+    base.log_prob(z, y)
+    for c in (0, 1):
+        zc = z[y == c].numpy()
+        np.testing.assert_allclose(base.mean[c].detach().numpy(), zc.mean(0), atol=1e-12)
+        np.testing.assert_allclose(base.log_scale[c].detach().numpy(), np.log(zc.std(0)), atol=1e-12)
+    for c in (2, 3):
+        assert not base.mean[c].any() and not base.log_scale[c].any()
+    before = base.mean.detach().clone()
+    base.log_prob(z + 5, y)
+    assert torch.equal(base.mean.detach(), before)

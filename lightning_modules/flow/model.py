@@ -3,20 +3,22 @@
 Images: logit pre-processing (RealNVP §4.1), then a multi-scale Glow (Kingma & Dhariwal 2018): at every
 scale squeeze, K steps of [actnorm, invertible 1x1 conv, affine coupling] - the couplings alternate
 checkerboard and channel masks - and factor out half the channels (RealNVP §3.6). Vectors: K steps of
-[actnorm, invertible linear, MAF layer or coupling]. The base is a standard normal over the flat latent.
+[actnorm, invertible linear, MAF layer or coupling]. The base is a standard normal over the flat latent;
+with labels, one diagonal Gaussian per class (Glow's class-conditional prior), so p(x | y) for every class
+comes from one pass and p(y | x) is exact by Bayes' rule.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_modules.contract import Conditional, GenerativeModel
 from lightning_modules.flow.transforms import (
-    ActNorm, AffineCoupling, Flatten, InvertibleConv1x1, Logit, MaskedAffineAutoregressive,
+    ActNorm, AffineCoupling, ClassConditionalNormal, Flatten, InvertibleConv1x1, Logit, MaskedAffineAutoregressive,
     NormalizingFlow, Sequential, Split, Squeeze, StandardNormal, Transform, channel_mask, checkerboard_mask,
 )
 from lightning_modules.flow.transforms.nets import conv_net, mlp
@@ -88,22 +90,36 @@ class Flow(GenerativeModel):
                 transform = Sequential([vector_step(d, i, c.vector_layer, c.hidden_features) for i in range(c.vector_steps)])
             else:
                 raise ValueError(f"flow: no architecture for {self.info.kind} data")
-        self.flow = NormalizingFlow(transform, StandardNormal(self.info.dim))
+        d = self.info.dim
+        base = ClassConditionalNormal(d, self.num_classes) if self.conditional else StandardNormal(d)
+        self.flow = NormalizingFlow(transform, base)
 
     # --- the contract ---------------------------------------------------------------------------
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.flow.log_prob(x)
+    def log_prob(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        self.no_labels_unless_conditional(y)
+        if self.conditional and y is None:
+            return self.marginal_log_prob(x)
+        return self.flow.log_prob(x, y)
+
+    def class_log_likelihoods(self, x: Tensor) -> Tensor:
+        self._require_conditional()
+        return self.flow.class_log_probs(x)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.flow.encode(x)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        return self.to_data_space(self.flow.sample(n, temperature).reshape(n, *self.info.shape))
+    def sample(self, n: int, y: Optional[Tensor] = None, temperature: float = 1.0) -> Tensor:
+        """n samples; a conditional model draws z from the base of the requested classes (None: y ~ p(y))."""
+        self.no_labels_unless_conditional(y)
+        y = self.sample_labels(n, y) if self.conditional else None
+        return self.to_data_space(self.flow.sample(n, temperature, y).reshape(n, *self.info.shape))
 
     # --- training -------------------------------------------------------------------------------
     def _nll(self, batch) -> Tensor:
-        return -self.log_prob(batch[0]).mean()
+        """-log p(x) per example, or -log p(x | y) for a conditional model: the model of p(y) is the
+        training frequencies, so maximising log p(x | y) maximises the joint likelihood."""
+        return -self.log_prob(batch[0], batch[1] if self.conditional else None).mean()
 
     def training_step(self, batch, batch_idx):
         loss = self._nll(batch)

@@ -9,14 +9,14 @@ from lightning_modules.flow.transforms.autoregressive import MaskedAffineAutoreg
 from lightning_modules.flow.transforms.base import Sequential, Transform
 from lightning_modules.flow.transforms.conv1x1 import InvertibleConv1x1
 from lightning_modules.flow.transforms.coupling import AffineCoupling, channel_mask, checkerboard_mask
-from lightning_modules.flow.transforms.distribution import NormalizingFlow, StandardNormal
+from lightning_modules.flow.transforms.distribution import ClassConditionalNormal, NormalizingFlow, StandardNormal
 from lightning_modules.flow.transforms.logit import Logit
 from lightning_modules.flow.transforms.made import MADE
 from lightning_modules.flow.transforms.multiscale import Split
 from lightning_modules.flow.transforms.squeeze import Flatten, Squeeze
 
 __all__ = [
-    "ActNorm", "AffineCoupling", "Flatten", "InvertibleConv1x1", "Logit", "MADE", "MaskedAffineAutoregressive",
-    "NormalizingFlow", "Sequential", "Split", "Squeeze", "StandardNormal", "Transform", "channel_mask",
-    "checkerboard_mask",
+    "ActNorm", "AffineCoupling", "ClassConditionalNormal", "Flatten", "InvertibleConv1x1", "Logit", "MADE",
+    "MaskedAffineAutoregressive", "NormalizingFlow", "Sequential", "Split", "Squeeze", "StandardNormal", "Transform",
+    "channel_mask", "checkerboard_mask",
 ]

@@ -9,16 +9,9 @@ the same parameters - those the union of the ranks' first batches would give on 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_modules.flow.transforms.base import Transform, per_feature, spatial_size
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+from lightning_modules.flow.transforms.base import Transform, all_reduce_sum, per_feature, spatial_size
 
 
 class ActNorm(Transform):
@@ -33,7 +26,7 @@ class ActNorm(Transform):
     def initialize(self, x: Tensor) -> None:
         xc = x.transpose(0, 1).reshape(x.shape[1], -1).double()  # (C, everything else)
         stats = torch.stack([xc.sum(1), (xc**2).sum(1), torch.full_like(xc[:, 0], xc.shape[1])])
-        s, s2, n = _all_reduce_sum(stats)
+        s, s2, n = all_reduce_sum(stats)
         mean = s / n
         std = (s2 / n - mean**2).clamp_min(0).sqrt()
         self.loc.copy_(-mean)

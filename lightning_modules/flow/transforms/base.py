@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable, Tuple
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -54,3 +55,9 @@ def spatial_size(x: Tensor) -> int:
         n *= s
     return n
 
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """`t` summed over the ranks of a distributed run, in place (unchanged on one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
