@@ -1,8 +1,9 @@
 """RBM family: the energy math against brute-force enumeration and numerical integration, AIS against the exact
 log Z, the data-space densities' normalisation, the Gibbs sampler against the exact distribution, training on
-digits against an independent-pixel baseline, and the checkpoint round trip. The classification RBM (label units)
-against brute-force enumeration over (v, h, y), its clamped sampler against the exact p(v | y), and conditional
-sampling on 8 Gaussians."""
+digits against an independent-pixel baseline, and the checkpoint round trip. Categorical (softmax) visibles on a
+tiny model against the same brute-force enumerations over every one-hot configuration. The classification RBM
+(label units) against brute-force enumeration over (v, h, y), its clamped sampler against the exact p(v | y), and
+conditional sampling on 8 Gaussians."""
 import itertools
 import math
 
@@ -16,12 +17,15 @@ from lightning_modules.rbm import RBM
 
 DIGITS_INFO = dict(shape=[1, 8, 8], kind="image", levels=17, num_classes=10)
 UNCONDITIONAL = dict(conditional=False)
+BERNOULLI = dict(visible="bernoulli")  # the digits tests below are about binarised pixels
+LEVELS = 3  # categorical visibles in the tiny models: L levels per pixel
 
 
 # --- independent references ---------------------------------------------------------------------------
 def joint_energy(v, h, e, visible):
-    """E(v, h) written out directly (Hinton 2002; Gaussian-Bernoulli: Krizhevsky 2009 eq. 1.4.1)."""
-    if visible == "bernoulli":
+    """E(v, h) written out directly (Hinton 2002; Gaussian-Bernoulli: Krizhevsky 2009 eq. 1.4.1; categorical v is
+    one-hot per pixel, with the Bernoulli form: Salakhutdinov, Mnih & Hinton 2007 eq. 2)."""
+    if visible in ("bernoulli", "categorical"):
         return -(v * e.b).sum(-1) - (h * e.c).sum(-1) - ((v @ e.W) * h).sum(-1)
     s = e.sigma
     return ((v - e.b) ** 2 / (2 * s**2)).sum(-1) - (h * e.c).sum(-1) - (((v / s) @ e.W) * h).sum(-1)
@@ -29,6 +33,26 @@ def joint_energy(v, h, e, visible):
 
 def all_binary(n):
     return torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=torch.float64)
+
+
+def all_levels(d, levels=LEVELS):
+    """Every configuration of d pixels with `levels` levels, (L^d, d) integer levels, and its one-hot model
+    vector (L^d, d L) built by hand."""
+    lv = torch.tensor(list(itertools.product(range(levels), repeat=d)))
+    one_hot = torch.zeros(len(lv), d, levels, dtype=torch.float64)
+    for i in range(d):
+        one_hot[torch.arange(len(lv)), i, lv[:, i]] = 1.0
+    return lv, one_hot.flatten(1)
+
+
+def all_visible(d, visible):
+    """(model-space states, a data-space point inside each state's bin, another point in the same bin, log bin
+    volume) for binary (half-cubes) or categorical (level bins [l/L, (l+1)/L)) visibles."""
+    if visible == "bernoulli":
+        bits = all_binary(d)
+        return bits, bits * 0.5 + 0.25, bits * 0.5 + 0.01, -d * math.log(2)
+    lv, v = all_levels(d)
+    return v, (lv + 0.5).double() / LEVELS, (lv + 0.97).double() / LEVELS, -d * math.log(LEVELS)
 
 
 def grid(d, lo, hi, n):
@@ -46,21 +70,22 @@ def random_rbm(d, h, visible, seed=0, weight_scale=1.0, exact_max_hidden=20, cla
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     cfg = dict(visible=visible, n_hidden=h, exact_max_hidden=exact_max_hidden, sample_steps=30)
-    m = RBM(cfg, dict(shape=[d], kind="vector", num_classes=classes)).double()
+    m = RBM(cfg, dict(shape=[d], kind="vector", num_classes=classes, levels=LEVELS)).double()
+    dv = d * LEVELS if visible == "categorical" else d  # visible units
     if visible == "gaussian":
         with torch.no_grad():
             m.log_sigma.copy_(0.3 * randn(d))
         m.set_statistics((randn(d), 0.5 + torch.rand(d, generator=g, dtype=torch.float64), torch.zeros(d)))
     else:
-        m.set_statistics((torch.zeros(d), torch.ones(d), randn(d)))
+        m.set_statistics((torch.zeros(d), torch.ones(d), randn(dv)))
     with torch.no_grad():
-        m.W.copy_(weight_scale * randn(d, h))
-        m.b.copy_(randn(d))
+        m.W.copy_(weight_scale * randn(dv, h))
+        m.b.copy_(randn(dv))
         m.c.copy_(randn(h))
         if classes:
             m.U.copy_(weight_scale * randn(classes, h))
             m.d.copy_(randn(classes))
-            m.class_base.copy_(randn(classes, d) if visible == "bernoulli" else 0.3 * randn(classes, d))
+            m.class_base.copy_(randn(classes, dv) if visible != "gaussian" else 0.3 * randn(classes, d))
     return m
 
 
@@ -116,19 +141,19 @@ def independent_pixels_log_likelihood(train_bits, bits):
 def trained(tmp_path_factory):
     """A 12-hidden-unit CD-1 RBM trained briefly on binarised digits (exact log Z is computed at train end)."""
     train, val = digits_splits()
-    model = RBM(dict(n_hidden=12, **UNCONDITIONAL), DIGITS_INFO)
-    untrained = RBM(dict(n_hidden=12, **UNCONDITIONAL), DIGITS_INFO)
+    model = RBM(dict(n_hidden=12, **UNCONDITIONAL, **BERNOULLI), DIGITS_INFO)
+    untrained = RBM(dict(n_hidden=12, **UNCONDITIONAL, **BERNOULLI), DIGITS_INFO)
     trainer = fit(model, train, tmp_path_factory.mktemp("rbm"), epochs=15)
     untrained.set_statistics(untrained.units.statistics(train.flatten(1)))
     return dict(model=model, untrained=untrained, trainer=trainer, train=train, val=val)
 
 
 # --- the energy math ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("visible", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("visible", ["bernoulli", "categorical", "gaussian"])
 def test_free_energy_and_hidden_conditional_match_enumeration(visible):
     m = random_rbm(3, 4, visible)
     e = m.energy()
-    v = all_binary(3) if visible == "bernoulli" else torch.randn(8, 3, dtype=torch.float64)
+    v = torch.randn(8, 3, dtype=torch.float64) if visible == "gaussian" else all_visible(3, visible)[0]
     hs = all_binary(4)
     neg_e = -joint_energy(v[:, None, :], hs[None], e, visible)  # (V, 16)
     torch.testing.assert_close(e.free_energy(v), -torch.logsumexp(neg_e, 1))
@@ -136,14 +161,18 @@ def test_free_energy_and_hidden_conditional_match_enumeration(visible):
     torch.testing.assert_close(e.h_given_v(v), posterior @ hs)
 
 
-def test_bernoulli_visible_conditional_matches_enumeration():
-    m = random_rbm(3, 4, "bernoulli")
+@pytest.mark.parametrize("visible", ["bernoulli", "categorical"])
+def test_discrete_visible_conditional_matches_enumeration(visible):
+    """log p(v | h) and log sum_v exp(-E_vis(v) + v.(pre - b)) against normalising over every visible state."""
+    m = random_rbm(3, 4, visible)
     e = m.energy()
-    vs, hs = all_binary(3), all_binary(4)
-    neg_e = -joint_energy(vs[None], hs[:, None, :], e, "bernoulli")  # (H-states, V-states)
+    vs, hs = all_visible(3, visible)[0], all_binary(4)
+    neg_e = -joint_energy(vs[None], hs[:, None, :], e, visible)  # (H-states, V-states)
     log_p_v_given_h = torch.log_softmax(neg_e, 1)
     ours = e.units.log_likelihood(vs[None], e.visible_input(hs)[:, None, :], e.sigma)
     torch.testing.assert_close(ours, log_p_v_given_h)
+    pre = e.visible_input(hs)
+    torch.testing.assert_close(e.units.log_partition(pre, e.b, e.sigma), torch.logsumexp(vs @ pre.T, 0))
 
 
 def test_gaussian_visible_conditional_matches_numerical_normaliser():
@@ -157,12 +186,15 @@ def test_gaussian_visible_conditional_matches_numerical_normaliser():
         torch.testing.assert_close(e.units.log_likelihood(v, e.visible_input(h), e.sigma), expected, atol=1e-6, rtol=0)
 
 
-def test_log_z_by_hidden_enumeration_equals_joint_brute_force():
-    m = random_rbm(10, 6, "bernoulli", weight_scale=0.5)
+@pytest.mark.parametrize("visible, d", [("bernoulli", 10), ("categorical", 5)])
+def test_log_z_by_hidden_enumeration_equals_joint_brute_force(visible, d):
+    m = random_rbm(d, 6, visible, weight_scale=0.5)
     e = m.energy()
-    v, h = all_binary(10), all_binary(6)
-    brute = torch.logsumexp(-joint_energy(v[:, None, :], h[None], e, "bernoulli").flatten(), 0)
+    v, h = all_visible(d, visible)[0], all_binary(6)
+    brute = torch.logsumexp(-joint_energy(v[:, None, :], h[None], e, visible).flatten(), 0)
     assert e.log_z_enumerate(chunk=16) == pytest.approx(float(brute), abs=1e-9)
+    assert float(e.detached().log_z_ais(200, 1000, torch.Generator().manual_seed(0)).log_z) == pytest.approx(
+        float(brute), abs=0.05)
 
 
 def test_pseudo_likelihood_matches_flipping_each_bit():
@@ -179,19 +211,20 @@ def test_pseudo_likelihood_matches_flipping_each_bit():
 
 
 # --- data-space densities -----------------------------------------------------------------------------
-def test_bernoulli_data_density_is_normalised_and_constant_on_half_cubes():
-    m = random_rbm(6, 5, "bernoulli")
-    bits = all_binary(6)
-    centre, corner = bits * 0.5 + 0.25, bits * 0.5 + 0.01
+@pytest.mark.parametrize("visible, d", [("bernoulli", 6), ("categorical", 4)])
+def test_discrete_data_density_is_normalised_and_constant_on_bins(visible, d):
+    """Binary: half-cubes of [0, 1]^d; categorical: the L^d level bins (the dequantisation convention)."""
+    m = random_rbm(d, 5, visible)
+    v, centre, corner, log_volume = all_visible(d, visible)
     with torch.no_grad():
         log_p = m.log_prob(centre)
-        # the density integrates to 1 over [0, 1]^6: sum over half-cubes of density * volume 2^-6
-        assert float(torch.logsumexp(log_p, 0)) - 6 * math.log(2) == pytest.approx(0.0, abs=1e-9)
+        # the density integrates to 1 over [0, 1]^d: sum over bins of density * bin volume
+        assert float(torch.logsumexp(log_p, 0)) + log_volume == pytest.approx(0.0, abs=1e-9)
         torch.testing.assert_close(m.log_prob(corner), log_p)
-        # and P(b) is the brute-force Boltzmann distribution
+        # and P(state) is the brute-force Boltzmann distribution
         e, h = m.energy(), all_binary(5)
-        neg_e = -joint_energy(bits[:, None, :], h[None], e, "bernoulli")
-        torch.testing.assert_close(log_p - 6 * math.log(2), torch.logsumexp(neg_e, 1) - torch.logsumexp(neg_e.flatten(), 0))
+        neg_e = -joint_energy(v[:, None, :], h[None], e, visible)
+        torch.testing.assert_close(log_p + log_volume, torch.logsumexp(neg_e, 1) - torch.logsumexp(neg_e.flatten(), 0))
 
 
 @pytest.mark.parametrize("d", [1, 2])
@@ -208,16 +241,23 @@ def test_ais_gaussian_rbm_density_integrates_to_one():
 
 
 # --- sampling ---------------------------------------------------------------------------------------------
-def test_gibbs_samples_follow_the_exact_distribution():
-    m = random_rbm(4, 3, "bernoulli")
+def state_index(x, visible):
+    """The row of each data-space sample's state in `all_visible` (mixed-radix, first pixel most significant)."""
+    base = 2 if visible == "bernoulli" else LEVELS
+    digits = (x * base).floor().long()
+    return (digits * base ** torch.arange(x.shape[1] - 1, -1, -1)).sum(1)
+
+
+@pytest.mark.parametrize("visible, d", [("bernoulli", 4), ("categorical", 2)])
+def test_gibbs_samples_follow_the_exact_distribution(visible, d):
+    m = random_rbm(d, 3, visible)
     torch.manual_seed(0)
     x = m.sample(20000)
-    assert x.shape == (20000, 4) and float(x.min()) >= 0 and float(x.max()) < 1
-    bits = (x > 0.5).double()
-    index = (bits * 2.0 ** torch.arange(3, -1, -1, dtype=torch.float64)).sum(1).long()  # row order of all_binary
-    empirical = torch.bincount(index, minlength=16).double() / len(x)
+    assert x.shape == (20000, d) and float(x.min()) >= 0 and float(x.max()) < 1
+    v = all_visible(d, visible)[0]
+    empirical = torch.bincount(state_index(x, visible), minlength=len(v)).double() / len(x)
     e, h = m.energy(), all_binary(3)
-    exact = torch.softmax(torch.logsumexp(-joint_energy(all_binary(4)[:, None, :], h[None], e, "bernoulli"), 1), 0)
+    exact = torch.softmax(torch.logsumexp(-joint_energy(v[:, None, :], h[None], e, visible), 1), 0)
     assert 0.5 * float((empirical - exact).abs().sum()) < 0.02  # total variation
 
 
@@ -259,13 +299,34 @@ def test_cd_training_beats_untrained_and_independent_pixels(trained):
 
 def test_persistent_cd_learns(tmp_path):
     train, val = digits_splits()
-    model = RBM(dict(n_hidden=12, persistent=True, lr=0.1, momentum=0.5, **UNCONDITIONAL), DIGITS_INFO)
+    cfg = dict(n_hidden=12, persistent=True, lr=0.1, momentum=0.5, **UNCONDITIONAL, **BERNOULLI)
+    model = RBM(cfg, DIGITS_INFO)
     fit(model, train, tmp_path, epochs=20)
     bits = (val.flatten(1) > 0.5).double()
     with torch.no_grad():
         log_p_bits = model.log_prob(val).double() - 64 * math.log(2)
     baseline = independent_pixels_log_likelihood((train.flatten(1) > 0.5).double(), bits)
     assert float(log_p_bits.mean()) > float(baseline.mean()) + 1.0  # PCD leaves the start slower than CD-1
+
+
+def test_categorical_rbm_beats_independent_levels_on_digits(tmp_path):
+    """Softmax visibles over the 17 levels (`visible: auto` on digits): the exact discrete-data log-likelihood
+    (log p(x) - D log L) of a briefly trained 12-hidden-unit RBM beats independent pixels with Laplace-smoothed
+    level frequencies (closed form), and its samples lie in [0, 1)."""
+    train, val = digits_splits()
+    model = RBM(dict(n_hidden=12, **UNCONDITIONAL), DIGITS_INFO)
+    assert model.units.name == "categorical" and model.W.shape == (64 * 17, 12)
+    fit(model, train, tmp_path, epochs=15)
+    level = lambda x: (x.flatten(1) * 17).floor().long()  # noqa: E731
+    counts = torch.stack([torch.bincount(col, minlength=17) for col in level(train).T]).double()  # (64, 17)
+    log_freq = ((counts + 1) / (len(train) + 17)).log()
+    baseline = log_freq[torch.arange(64), level(val)].sum(1)
+    with torch.no_grad():
+        log_p_levels = model.log_prob(val).double() - 64 * math.log(17)
+        s = model.sample(20)
+    assert bool(model.log_z_exact)
+    assert float(log_p_levels.mean()) > float(baseline.mean()) + 5.0  # nats per image (8 when written)
+    assert s.shape == (20, 1, 8, 8) and float(s.min()) >= 0 and float(s.max()) < 1
 
 
 def test_checkpoint_round_trip_weights_only(trained, tmp_path):
@@ -283,7 +344,7 @@ def test_checkpoint_round_trip_weights_only(trained, tmp_path):
 def test_trains_under_ddp_spawn(tmp_path, conditional):
     train, val = digits_splits()
     labels = digits_labels()[:len(train)]
-    model = RBM(dict(n_hidden=12, persistent=True, n_chains=32, conditional=conditional), DIGITS_INFO)
+    model = RBM(dict(n_hidden=12, persistent=True, n_chains=32, conditional=conditional, **BERNOULLI), DIGITS_INFO)
     w0 = model.W.detach().clone()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", default_root_dir=tmp_path,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -298,15 +359,16 @@ def test_trains_under_ddp_spawn(tmp_path, conditional):
 
 
 # --- the classification RBM (label units joined to the hidden layer) ---------------------------------------
-def test_label_units_match_joint_enumeration_bernoulli():
+@pytest.mark.parametrize("visible", ["bernoulli", "categorical"])
+def test_label_units_match_joint_enumeration(visible):
     """log Z, log Z_y, p(y), p(y | x) and p(x | y) against brute force over every (v, h, y)."""
-    m = random_rbm(4, 3, "bernoulli", classes=3)
+    m = random_rbm(4, 3, visible, classes=3)
     m.refresh_log_z()
     assert bool(m.log_z_exact)
-    bits = all_binary(4)
-    x = bits * 0.5 + 0.25  # a point inside each half-cube of [0, 1]^4
+    v, x, _, log_volume = all_visible(4, visible)  # x: a point inside each state's bin of [0, 1]^4
+    n = len(v)
     with torch.no_grad():
-        neg_e = labelled_neg_energy(bits, all_binary(3), m, "bernoulli")  # (16, 8, 3)
+        neg_e = labelled_neg_energy(v, all_binary(3), m, visible)  # (V, 8, 3)
         log_z_y = torch.logsumexp(neg_e.flatten(0, 1), 0)
         log_z = torch.logsumexp(neg_e.flatten(), 0)
         assert float(m.log_z) == pytest.approx(float(log_z), abs=1e-9)
@@ -314,9 +376,9 @@ def test_label_units_match_joint_enumeration_bernoulli():
         torch.testing.assert_close(m.class_log_prior(), log_z_y - log_z, atol=1e-9, rtol=0)
         log_joint_v = torch.logsumexp(neg_e, 1)  # (16, 3): log of the unnormalised p(v, y)
         torch.testing.assert_close(m.classify(x), torch.log_softmax(log_joint_v, 1), atol=1e-9, rtol=0)
-        offset = 4 * math.log(2)  # P(b) -> density on the half-cube
+        offset = -log_volume  # P(state) -> density on its bin
         for c in range(3):
-            y = torch.full((16,), c)
+            y = torch.full((n,), c)
             torch.testing.assert_close(m.log_prob(x, y) - offset, log_joint_v[:, c] - log_z_y[c], atol=1e-9, rtol=0)
         torch.testing.assert_close(m.log_prob(x) - offset, torch.logsumexp(log_joint_v, 1) - log_z, atol=1e-9, rtol=0)
 
@@ -340,7 +402,7 @@ def test_label_units_match_enumeration_and_integration_gaussian():
             torch.testing.assert_close(m.log_prob(x, torch.full((6,), c)), expected, atol=1e-7, rtol=0)
 
 
-@pytest.mark.parametrize("visible", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("visible", ["bernoulli", "categorical", "gaussian"])
 def test_marginal_is_the_sum_over_classes(visible):
     """log p(x) == logsumexp_y(log p(x | y) + log p(y)), and the one-pass class likelihoods equal log_prob(x, y)."""
     m = random_rbm(3, 4, visible, classes=4)
@@ -355,29 +417,31 @@ def test_marginal_is_the_sum_over_classes(visible):
         assert float(torch.logsumexp(m.class_log_prior(), 0)) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_class_ais_matches_brute_force():
+@pytest.mark.parametrize("visible, d, steps", [("bernoulli", 10, 1000), ("categorical", 5, 3000)])
+def test_class_ais_matches_brute_force(visible, d, steps):
     """AIS of every class's log Z_y in one batch of chains against enumeration over (v, h) per class."""
-    m = random_rbm(10, 6, "bernoulli", weight_scale=0.5, classes=3, exact_max_hidden=0)
-    m.config.ais_steps = 1000
+    m = random_rbm(d, 6, visible, weight_scale=0.5, classes=3, exact_max_hidden=0)
+    m.config.ais_steps = steps
     m.refresh_log_z()
     assert not bool(m.log_z_exact)
     with torch.no_grad():
-        log_z_y = torch.logsumexp(labelled_neg_energy(all_binary(10), all_binary(6), m, "bernoulli").flatten(0, 1), 0)
+        neg_e = labelled_neg_energy(all_visible(d, visible)[0], all_binary(6), m, visible)
+        log_z_y = torch.logsumexp(neg_e.flatten(0, 1), 0)
     torch.testing.assert_close(m.class_log_z, log_z_y, atol=0.05, rtol=0)
     assert float(m.log_z) == pytest.approx(float(torch.logsumexp(log_z_y, 0)), abs=0.05)
 
 
-def test_clamped_gibbs_samples_follow_the_exact_class_conditional():
+@pytest.mark.parametrize("visible, d", [("bernoulli", 4), ("categorical", 2)])
+def test_clamped_gibbs_samples_follow_the_exact_class_conditional(visible, d):
     """sample(n, y = c) against the enumerated p(v | y = c), and sample(n) against p(v) = sum_y p(v, y)."""
-    m = random_rbm(4, 3, "bernoulli", classes=2)
-    neg_e = labelled_neg_energy(all_binary(4), all_binary(3), m, "bernoulli").detach()  # (16, 8, 2)
-    weights = (2.0 ** torch.arange(3, -1, -1, dtype=torch.float64))  # row order of all_binary
+    m = random_rbm(d, 3, visible, classes=2)
+    v = all_visible(d, visible)[0]
+    neg_e = labelled_neg_energy(v, all_binary(3), m, visible).detach()  # (V, 8, 2)
     torch.manual_seed(0)
     for y, exact in [(1, torch.softmax(torch.logsumexp(neg_e[:, :, 1], 1), 0)),
                      (None, torch.softmax(torch.logsumexp(neg_e.flatten(1), 1), 0))]:
         x = m.sample(20000, y)
-        index = ((x > 0.5).double() * weights).sum(1).long()
-        empirical = torch.bincount(index, minlength=16).double() / len(x)
+        empirical = torch.bincount(state_index(x, visible), minlength=len(v)).double() / len(x)
         assert 0.5 * float((empirical - exact).abs().sum()) < 0.02  # total variation
 
 
@@ -386,7 +450,7 @@ def trained_conditional(tmp_path_factory):
     """A 16-hidden-unit classification RBM trained briefly on binarised digits with their labels."""
     train, val = digits_splits()
     labels = digits_labels()
-    model = RBM(dict(n_hidden=16), DIGITS_INFO)
+    model = RBM(dict(n_hidden=16, **BERNOULLI), DIGITS_INFO)
     model.set_class_prior(labels[:len(train)])  # as the train stage does
     trainer = fit(model, train, tmp_path_factory.mktemp("rbm_cond"), epochs=30, y=labels[:len(train)])
     return dict(model=model, trainer=trainer, train=train, val=val, val_y=labels[len(train):])

@@ -1,8 +1,9 @@
-"""Restricted Boltzmann machine: binary hidden units over Bernoulli or unit-variance Gaussian visible units,
+"""Restricted Boltzmann machine: binary hidden units over Bernoulli, categorical or Gaussian visible units,
 trained by contrastive divergence CD-k (Hinton 2002) or persistent CD (Tieleman 2008), with log Z by exact
 enumeration over the hidden layer or by annealed importance sampling (Salakhutdinov & Murray 2008).
 
-Energy  E(v, h) = E_vis(v; b) - c.h - (v/sigma)'Wh,  with  E_vis(v; b) = -b.v  and sigma = 1   (Bernoulli)
+Energy  E(v, h) = E_vis(v; b) - c.h - (v/sigma)'Wh,  with  E_vis(v; b) = -b.v  and sigma = 1   (Bernoulli,
+                                                                                 categorical)
                                                             E_vis(v; b) = sum_i (v_i - b_i)^2 / 2 sigma_i^2  (Gaussian)
 Free energy  F(v) = -log sum_h exp(-E(v, h)) = E_vis(v; b) - sum_j softplus(c_j + (v/sigma)'W_j),  p(v) = e^-F(v) / Z.
 
@@ -14,6 +15,9 @@ CD on the joint (v, y), plus `discriminative_weight` times -log p(y | x) (the hy
 Data space (so NLLs compare across families):
 - Bernoulli: b = (x > 0.5); the density on [0, 1]^D is P_RBM(b(x)) 2^D, uniform within each half-cube, and a
   sample is (b + u) / 2 with u ~ U[0, 1).
+- categorical (Salakhutdinov, Mnih & Hinton 2007, softmax units): each pixel's level l = floor(x L) is a one-hot
+  group of L visibles (D L in all); the density is P_RBM(levels) L^D, uniform within each level's bin (the
+  dequantisation convention), and a sample is (l + u) / L. `auto` uses it for images with <= 32 levels.
 - Gaussian (Krizhevsky 2009, "Learning multiple layers of features from tiny images", sec. 1.4.1; Cho et al.
   2011 learn log sigma the same way): the RBM models z = (x - shift) / scale, standardised with training-data
   statistics, with learned per-visible sigma (1 at the start); the Jacobian adds -sum(log scale).
@@ -44,17 +48,19 @@ class RBM(GenerativeModel):
 
     @dataclass
     class Config:
-        visible: Literal["auto", "bernoulli", "gaussian"] = "auto"  # auto: Bernoulli for images, else Gaussian
+        # auto: categorical for images with <= 32 levels (digits), Bernoulli for images with more, else Gaussian
+        visible: Literal["auto", "bernoulli", "categorical", "gaussian"] = "auto"
         n_hidden: int = 64
         learn_sigma: bool = True  # Gaussian visibles: learn log sigma_i (else sigma = 1 on standardised data)
         cd_k: int = 1  # Gibbs sweeps per negative phase
         persistent: bool = False  # PCD (Tieleman 2008) instead of CD-k from the data (Hinton 2002)
         n_chains: int = 128  # persistent chains
-        lr: Optional[float] = None  # None: 0.05 (Bernoulli) or 0.003 (Gaussian: Hinton 2010 guide sec. 13.2)
+        # None: 0.05 (Bernoulli, categorical) or 0.003 (Gaussian: Hinton 2010 guide sec. 13.2)
+        lr: Optional[float] = None
         momentum: float = 0.9
         weight_decay: float = 1e-4  # L2 on the weights only (Hinton 2010 guide sec. 10)
-        # None: 0.01 (Bernoulli, Hinton 2010 guide sec. 8) or 0.5 (Gaussian: on standardised data, small weights
-        # sit at a saddle where the data and the model have the same covariance and the gradient vanishes)
+        # None: 0.01 (Bernoulli, categorical: Hinton 2010 guide sec. 8) or 0.5 (Gaussian: on standardised data,
+        # small weights sit at a saddle where the data and the model have the same covariance and the gradient vanishes)
         init_std: Optional[float] = None
         max_epochs: int = 60
         sample_steps: int = 1000  # Gibbs sweeps per `sample` call, from the base model
@@ -73,7 +79,7 @@ class RBM(GenerativeModel):
         super().__init__(cfg, info)
         config = self.config
         self.units = visible_units(config.visible, self.info)
-        d, h = self.info.dim, config.n_hidden
+        d, h = self.units.model_dim(self.info), config.n_hidden  # visible units (D L for categorical ones)
         g = torch.Generator().manual_seed(config.seed)
         init_std = self.units.default_init_std if config.init_std is None else config.init_std
         self.lr = self.units.default_lr if config.lr is None else config.lr
@@ -84,8 +90,8 @@ class RBM(GenerativeModel):
             self.log_sigma = nn.Parameter(torch.zeros(d))
         else:
             self.register_buffer("log_sigma", torch.zeros(d))
-        self.register_buffer("shift", torch.zeros(d))
-        self.register_buffer("scale", torch.ones(d))
+        self.register_buffer("shift", torch.zeros(self.info.dim))  # per data dimension
+        self.register_buffer("scale", torch.ones(self.info.dim))
         self.register_buffer("base", torch.zeros(d))
         self.register_buffer("chains", torch.zeros(config.n_chains if config.persistent else 0, d))
         self.register_buffer("data_ready", torch.tensor(False))

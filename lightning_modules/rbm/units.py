@@ -1,9 +1,11 @@
-"""The RBM's visible units, the only place where its two kinds differ: Bernoulli units over binarised data
-(a piecewise-constant density on [0, 1]^D, see `lightning_modules.common.binarized`) and Gaussian units over
-standardised real data (Krizhevsky 2009, sec. 1.4.1; Cho et al. 2011 learn log sigma the same way)."""
+"""The RBM's visible units, the only place where its kinds differ: Bernoulli units over binarised data
+(a piecewise-constant density on [0, 1]^D, see `lightning_modules.common.binarized`), Gaussian units over
+standardised real data (Krizhevsky 2009, sec. 1.4.1; Cho et al. 2011 learn log sigma the same way) and
+categorical (softmax) units over discrete levels (Salakhutdinov, Mnih & Hinton 2007, sec. 2)."""
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -21,6 +23,11 @@ class BernoulliUnits:
 
     name = "bernoulli"  # sigma is always 1 and ignored
     default_lr, default_init_std = 0.05, 0.01
+
+    @staticmethod
+    def model_dim(info: DataInfo) -> int:
+        """The number of visible units (one per data dimension)."""
+        return info.dim
 
     @staticmethod
     def over_sigma(v: Tensor, sigma: Tensor) -> Tensor:
@@ -79,6 +86,7 @@ class GaussianUnits:
     name = "gaussian"
     default_lr, default_init_std = 0.003, 0.5
     min_scale = 1e-3  # a constant input dimension would have an infinite density
+    model_dim = BernoulliUnits.model_dim
 
     @staticmethod
     def over_sigma(v: Tensor, sigma: Tensor) -> Tensor:
@@ -130,11 +138,100 @@ class GaussianUnits:
         return -scale.log().sum()
 
 
+class CategoricalUnits(BernoulliUnits):
+    """Softmax visibles (Salakhutdinov, Mnih & Hinton 2007, "Restricted Boltzmann machines for collaborative
+    filtering", eq. 1-2): pixel i's level l in 0..L-1 is a one-hot group v_i. of L binary units, so the model has
+    D L visibles, E_vis(v; b) = -b.v as for Bernoulli units, and p(v_il = 1 | h) = softmax_l(b_il + W_il.h).
+    The density on [0, 1]^D is P(levels) L^D, uniform within each level's bin [l / L, (l + 1) / L): the
+    dequantisation convention of every family, so -log p(x) - D log L is the discrete-data NLL.
+    A class per number of levels (`categorical_units`) keeps the protocol static."""
+
+    name = "categorical"
+    levels = 2  # L, set by `categorical_units`
+    default_lr, default_init_std = 0.05, 0.01
+
+    @classmethod
+    def model_dim(cls, info: DataInfo) -> int:
+        return info.dim * cls.levels
+
+    @classmethod
+    def groups(cls, a: Tensor) -> Tensor:
+        """(..., D L) -> (..., D, L): one row per pixel."""
+        return a.unflatten(-1, (-1, cls.levels))
+
+    @classmethod
+    def one_hot(cls, level: Tensor, like: Tensor) -> Tensor:
+        """Integer levels (..., D) -> flattened one-hot groups (..., D L) with `like`'s dtype and device."""
+        v = torch.zeros(level.shape + (cls.levels,), dtype=like.dtype, device=like.device)
+        return v.scatter_(-1, level[..., None], 1.0).flatten(-2)
+
+    @classmethod
+    def sample(cls, pre: Tensor, sigma: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """One level per group by inversion of its softmax CDF."""
+        cdf = torch.softmax(cls.groups(pre), -1).cumsum(-1)
+        u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=pre.device, dtype=pre.dtype)
+        return cls.one_hot((cdf < u).sum(-1).clamp_max(cls.levels - 1), pre)
+
+    @classmethod
+    def log_likelihood(cls, v: Tensor, pre: Tensor, sigma: Tensor) -> Tensor:
+        return (v * torch.log_softmax(cls.groups(pre), -1).flatten(-2)).sum(-1)
+
+    @classmethod
+    def log_partition(cls, pre: Tensor, bias: Tensor, sigma: Tensor) -> Tensor:
+        """log sum_v exp(v.pre) over one-hot groups = sum_i logsumexp_l pre_il."""
+        return torch.logsumexp(cls.groups(pre), -1).sum(-1)
+
+    @classmethod
+    def base_bias(cls, v: Tensor) -> Tensor:
+        """Independent categorical pixels fitted to one-hot data v: log of the Laplace-smoothed level frequencies."""
+        p = (cls.groups(v).sum(0).double() + 1) / (len(v) + cls.levels)
+        return p.log().flatten().float()
+
+    @classmethod
+    def statistics(cls, x: Tensor) -> Statistics:
+        """No standardisation (shift and scale are per data dimension and unused)."""
+        shift, scale = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+        return shift, scale, cls.base_bias(cls.to_model(x, shift, scale))
+
+    @classmethod
+    def to_model(cls, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        """x in [0, 1] (dequantised levels) -> one-hot level floor(x L) per pixel, flattened to D L."""
+        return cls.one_hot((x * cls.levels).floor().long().clamp(0, cls.levels - 1), shift)
+
+    @classmethod
+    def to_data(cls, v: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        """A uniform draw in each pixel's level bin: (l + u) / L."""
+        level = cls.groups(v).argmax(-1).to(v.dtype)
+        return (level + torch.rand_like(level)) / cls.levels
+
+    @classmethod
+    def log_jacobian(cls, scale: Tensor) -> float:
+        """log L^D (scale has one entry per data dimension): each level bin has volume L^-D."""
+        return scale.numel() * math.log(cls.levels)
+
+
+@lru_cache(maxsize=None)
+def categorical_units(levels: int) -> type:
+    """The categorical units class for L levels (cached, so each L has one class)."""
+    return type(f"CategoricalUnits{levels}", (CategoricalUnits,), {"levels": levels})
+
+
 UNITS = {u.name: u for u in (BernoulliUnits, GaussianUnits)}
+MAX_CATEGORICAL_LEVELS = 32  # `auto` above this binarises: D L visibles grow with the levels
 
 
 def visible_units(visible: str, info: DataInfo):
-    """`auto`: Bernoulli for images (binarised), Gaussian for real vectors."""
+    """`auto`: categorical for images with at most 32 levels (digits), Bernoulli (binarised) for images with
+    more (MNIST), Gaussian for real vectors."""
     if visible == "auto":
-        visible = "bernoulli" if info.kind == "image" else "gaussian"
+        if info.kind != "image":
+            visible = "gaussian"
+        elif info.levels is not None and info.levels <= MAX_CATEGORICAL_LEVELS:
+            visible = "categorical"
+        else:
+            visible = "bernoulli"
+    if visible == "categorical":
+        if info.levels is None:
+            raise ValueError("categorical visibles need discrete data (DataInfo.levels)")
+        return categorical_units(info.levels)
     return UNITS[visible]
