@@ -14,10 +14,10 @@ from torchvision.utils import make_grid  # noqa: E402
 
 def save_samples(samples: torch.Tensor, kind: str, path: Path, n: int = 64, nrow: Optional[int] = None,
                  labels: Optional[torch.Tensor] = None) -> Path:
-    """Images as a grid (`nrow` per row, default square); 2-D vectors as a scatter plot, coloured by `labels`
-    when given; sequences of rows as images."""
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    """Images as a grid (`nrow` per row, default square; the figure takes the grid's aspect); 2-D vectors as
+    a scatter plot, coloured by `labels` when given; sequences of rows as images."""
     if kind == "vector" and samples.shape[1] == 2:
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
         s = samples[:2000].numpy()
         colour = None if labels is None else labels[:2000].numpy()
         ax.scatter(s[:, 0], s[:, 1], s=2, alpha=0.5, c=colour, cmap="tab10" if labels is not None else None)
@@ -26,6 +26,7 @@ def save_samples(samples: torch.Tensor, kind: str, path: Path, n: int = 64, nrow
         x = samples[:n].float()
         x = x[:, None] if x.dim() == 3 else x  # (T, D) sequences drawn as 1-channel images
         grid = make_grid(x.clamp(0, 1), nrow=nrow or int(n**0.5), padding=1, pad_value=1.0)
+        fig, ax = plt.subplots(figsize=(4, 4 * grid.shape[1] / grid.shape[2]), dpi=100)
         ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.axis("off")
     fig.tight_layout()

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from lightning_modules.contract import DataInfo
-from pipeline.data.store import data_info, read_manifest, read_split
+from pipeline.data.store import data_info, read_labels, read_manifest, read_split
 
 
 def dequantize(x_levels: torch.Tensor, levels: Optional[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -115,6 +115,12 @@ class PreparedDataModule(pl.LightningDataModule):
             x, y = read_split(self.folder, split, self.manifest)
             self._raw[split] = (torch.from_numpy(x), torch.from_numpy(y))
         return self._raw[split]
+
+    def labels(self, split: str) -> torch.Tensor:
+        """A split's labels, without reading its data."""
+        if split in self._raw:
+            return self._raw[split][1]
+        return torch.from_numpy(read_labels(self.folder, split, self.manifest))
 
     def has_split(self, split: str) -> bool:
         return f"{split}_x.npy" in self.manifest["files"]

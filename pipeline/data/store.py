@@ -65,19 +65,25 @@ def read_manifest(folder: Path) -> dict:
         raise GenzooError(f"{path} is corrupt: {e}") from None
 
 
+def _read_checked(folder: Path, split: str, part: str, manifest: dict) -> np.ndarray:
+    name = f"{split}_{part}.npy"
+    path = Path(folder) / name
+    if name not in manifest["files"]:
+        raise GenzooError(f"{path}: split '{split}' is not in {folder / MANIFEST}")
+    if not path.is_file():
+        raise GenzooError(f"{path} is missing: re-run `genzoo fetch`")
+    if sha256(path) != manifest["files"][name]:
+        raise GenzooError(f"{path} is corrupt (sha256 differs from {MANIFEST}): re-run `genzoo fetch`")
+    return np.load(path, allow_pickle=False)
+
+
 def read_split(folder: Path, split: str, manifest: dict):
-    arrays = []
-    for part in ("x", "y"):
-        name = f"{split}_{part}.npy"
-        path = Path(folder) / name
-        if name not in manifest["files"]:
-            raise GenzooError(f"{path}: split '{split}' is not in {folder / MANIFEST}")
-        if not path.is_file():
-            raise GenzooError(f"{path} is missing: re-run `genzoo fetch`")
-        if sha256(path) != manifest["files"][name]:
-            raise GenzooError(f"{path} is corrupt (sha256 differs from {MANIFEST}): re-run `genzoo fetch`")
-        arrays.append(np.load(path, allow_pickle=False))
-    return arrays[0], arrays[1]
+    return _read_checked(folder, split, "x", manifest), _read_checked(folder, split, "y", manifest)
+
+
+def read_labels(folder: Path, split: str, manifest: dict) -> np.ndarray:
+    """A split's labels alone (checked like the data)."""
+    return _read_checked(folder, split, "y", manifest)
 
 
 def data_info(manifest: dict) -> DataInfo:

@@ -79,12 +79,12 @@ def train(cfg) -> Path:
 
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     dm = datamodule_for(cfg, cls)
-    train_x, train_y = dm.split("train")
+    train_y = dm.labels("train")  # the data itself is read inside the MLflow run (a bad file fails the run)
     model = build_model(cls, resolve_conditional(family_section(cfg, family), dm.info, train_y), dm.info)
     if model.conditional:
         model.set_class_prior(train_y)
     if cls.needs_init_data:
-        model.provide_init_data(train_x, train_y)
+        model.provide_init_data(dm.split("train")[0], train_y)
 
     tracking.ensure_store(tracking.tracking_uri(cfg), tracking.experiment_name(cfg))
     logger = ResumableMLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
