@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-# (v, beta) -> unnormalised log density of each row of v under f_beta
-LogDensity = Callable[[Tensor, float], Tensor]
+# (v, beta_prev, beta) -> log f_beta(v) - log f_beta_prev(v) for each row of v (one call, so that a model can
+# share the work between the two densities)
+LogRatio = Callable[[Tensor, float, float], Tensor]
 # (v, beta) -> one MCMC step that leaves p_beta invariant
 Transition = Callable[[Tensor, float], Tensor]
 
@@ -47,7 +48,7 @@ class AISResult:
 
 
 @torch.no_grad()
-def ais_log_z(log_f: LogDensity, transition: Transition, sample_base: Callable[[int], Tensor],
+def ais_log_z(log_ratio: LogRatio, transition: Transition, sample_base: Callable[[int], Tensor],
               log_z_base: float, betas: Tensor, n_chains: int) -> AISResult:
     """Estimate log Z_1 of f_1 = f_{betas[-1]}, given exact draws from and the log normaliser of
     p_0 = f_{betas[0]} / Z_0."""
@@ -55,7 +56,7 @@ def ais_log_z(log_f: LogDensity, transition: Transition, sample_base: Callable[[
     v = sample_base(n_chains)
     log_w = torch.zeros(n_chains, dtype=torch.float64, device=v.device)
     for k in range(1, len(betas)):
-        log_w += (log_f(v, betas[k]) - log_f(v, betas[k - 1])).to(torch.float64)
+        log_w += log_ratio(v, betas[k - 1], betas[k]).to(torch.float64)
         if k < len(betas) - 1:
             v = transition(v, betas[k])
     log_z = log_z_base + float(torch.logsumexp(log_w, 0)) - math.log(n_chains)

@@ -1,10 +1,11 @@
-"""Restricted Boltzmann machine: binary hidden units over Bernoulli, categorical or Gaussian visible units,
+"""Restricted Boltzmann machine: binary hidden units over Bernoulli, categorical, ordinal or Gaussian visible units,
 trained by contrastive divergence CD-k (Hinton 2002) or persistent CD (Tieleman 2008), with log Z by exact
 enumeration over the hidden layer or by annealed importance sampling (Salakhutdinov & Murray 2008).
 
 Energy  E(v, h) = E_vis(v; b) - c.h - (v/sigma)'Wh,  with  E_vis(v; b) = -b.v  and sigma = 1   (Bernoulli,
-                                                                                 categorical)
+                                                                                 categorical, ordinal)
                                                             E_vis(v; b) = sum_i (v_i - b_i)^2 / 2 sigma_i^2  (Gaussian)
+(v/sigma is `units.over_sigma(v)`: for ordinal units, each pixel's intensity l / (L - 1) in place of its one-hot.)
 Free energy  F(v) = -log sum_h exp(-E(v, h)) = E_vis(v; b) - sum_j softplus(c_j + (v/sigma)'W_j),  p(v) = e^-F(v) / Z.
 
 P(X, Y) (`conditional`): the classification RBM of Larochelle & Bengio (2008), one-hot label units joined to the
@@ -17,7 +18,10 @@ Data space (so NLLs compare across families):
   sample is (b + u) / 2 with u ~ U[0, 1).
 - categorical (Salakhutdinov, Mnih & Hinton 2007, softmax units): each pixel's level l = floor(x L) is a one-hot
   group of L visibles (D L in all); the density is P_RBM(levels) L^D, uniform within each level's bin (the
-  dequantisation convention), and a sample is (l + u) / L. `auto` uses it for images with <= 32 levels.
+  dequantisation convention), and a sample is (l + u) / L.
+- ordinal: the same one-hot levels and biases, but the weights meet the level's intensity l / (L - 1), one weight
+  per pixel and hidden unit (`units.OrdinalUnits`). `auto` uses it for images with <= 32 levels: on digits its
+  samples obey the requested class (cond_acc) where the softmax units' scatter over unrelated levels.
 - Gaussian (Krizhevsky 2009, "Learning multiple layers of features from tiny images", sec. 1.4.1; Cho et al.
   2011 learn log sigma the same way): the RBM models z = (x - shift) / scale, standardised with training-data
   statistics, with learned per-visible sigma (1 at the start); the Jacobian adds -sum(log scale).
@@ -48,9 +52,9 @@ class RBM(GenerativeModel):
 
     @dataclass
     class Config:
-        # auto: categorical for images with <= 32 levels (digits), Bernoulli for images with more, else Gaussian
-        visible: Literal["auto", "bernoulli", "categorical", "gaussian"] = "auto"
-        n_hidden: int = 64
+        # auto: ordinal for images with <= 32 levels (digits), Bernoulli for images with more, else Gaussian
+        visible: Literal["auto", "bernoulli", "categorical", "ordinal", "gaussian"] = "auto"
+        n_hidden: int = 256
         learn_sigma: bool = True  # Gaussian visibles: learn log sigma_i (else sigma = 1 on standardised data)
         cd_k: int = 1  # Gibbs sweeps per negative phase
         persistent: bool = False  # PCD (Tieleman 2008) instead of CD-k from the data (Hinton 2002)
@@ -62,7 +66,9 @@ class RBM(GenerativeModel):
         # None: 0.01 (Bernoulli, categorical: Hinton 2010 guide sec. 8) or 0.5 (Gaussian: on standardised data,
         # small weights sit at a saddle where the data and the model have the same covariance and the gradient vanishes)
         init_std: Optional[float] = None
-        max_epochs: int = 60
+        # CD-1 on digits (ordinal, 256 hidden): 100 epochs give class samples the featnet labels right 93% of the
+        # time over three seeds; at 250 it falls to 82%, as CD-1 leaves the modes it never visits unchecked
+        max_epochs: int = 100
         sample_steps: int = 1000  # Gibbs sweeps per `sample` call, from the base model
         ais_chains: int = 100  # in all: a conditional model splits them over the classes (its AIS costs the same)
         ais_steps: int = 10000  # length of the beta schedule
@@ -79,11 +85,11 @@ class RBM(GenerativeModel):
         super().__init__(cfg, info)
         config = self.config
         self.units = visible_units(config.visible, self.info)
-        d, h = self.units.model_dim(self.info), config.n_hidden  # visible units (D L for categorical ones)
+        d, h = self.units.model_dim(self.info), config.n_hidden  # visible units (D L for levels)
         g = torch.Generator().manual_seed(config.seed)
         init_std = self.units.default_init_std if config.init_std is None else config.init_std
         self.lr = self.units.default_lr if config.lr is None else config.lr
-        self.W = nn.Parameter(torch.randn(d, h, generator=g) * init_std)
+        self.W = nn.Parameter(torch.randn(self.units.interaction_dim(self.info), h, generator=g) * init_std)
         self.b = nn.Parameter(torch.zeros(d))
         self.c = nn.Parameter(torch.zeros(h))
         if self.units is GaussianUnits and config.learn_sigma:

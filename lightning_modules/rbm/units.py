@@ -1,7 +1,8 @@
 """The RBM's visible units, the only place where its kinds differ: Bernoulli units over binarised data
 (a piecewise-constant density on [0, 1]^D, see `lightning_modules.common.binarized`), Gaussian units over
-standardised real data (Krizhevsky 2009, sec. 1.4.1; Cho et al. 2011 learn log sigma the same way) and
-categorical (softmax) units over discrete levels (Salakhutdinov, Mnih & Hinton 2007, sec. 2)."""
+standardised real data (Krizhevsky 2009, sec. 1.4.1; Cho et al. 2011 learn log sigma the same way), and
+categorical (softmax) units over discrete levels (Salakhutdinov, Mnih & Hinton 2007, sec. 2), with one weight per
+level or, ordinal, one per pixel along the intensity."""
 from __future__ import annotations
 
 import math
@@ -28,6 +29,11 @@ class BernoulliUnits:
     def model_dim(info: DataInfo) -> int:
         """The number of visible units (one per data dimension)."""
         return info.dim
+
+    @classmethod
+    def interaction_dim(cls, info: DataInfo) -> int:
+        """The rows of W: what `over_sigma` maps the visibles to (the visibles themselves unless said otherwise)."""
+        return cls.model_dim(info)
 
     @staticmethod
     def over_sigma(v: Tensor, sigma: Tensor) -> Tensor:
@@ -87,6 +93,7 @@ class GaussianUnits:
     default_lr, default_init_std = 0.003, 0.5
     min_scale = 1e-3  # a constant input dimension would have an infinite density
     model_dim = BernoulliUnits.model_dim
+    interaction_dim = BernoulliUnits.model_dim
 
     @staticmethod
     def over_sigma(v: Tensor, sigma: Tensor) -> Tensor:
@@ -144,10 +151,10 @@ class CategoricalUnits(BernoulliUnits):
     D L visibles, E_vis(v; b) = -b.v as for Bernoulli units, and p(v_il = 1 | h) = softmax_l(b_il + W_il.h).
     The density on [0, 1]^D is P(levels) L^D, uniform within each level's bin [l / L, (l + 1) / L): the
     dequantisation convention of every family, so -log p(x) - D log L is the discrete-data NLL.
-    A class per number of levels (`categorical_units`) keeps the protocol static."""
+    A class per number of levels (`level_units`) keeps the protocol static."""
 
     name = "categorical"
-    levels = 2  # L, set by `categorical_units`
+    levels = 2  # L, set by `level_units`
     default_lr, default_init_std = 0.05, 0.01
 
     @classmethod
@@ -210,28 +217,59 @@ class CategoricalUnits(BernoulliUnits):
         return scale.numel() * math.log(cls.levels)
 
 
+class OrdinalUnits(CategoricalUnits):
+    """Categorical levels whose interaction with the hidden layer is along the intensity: the energy is
+        E(v, h) = -b.v - c.h - sum_i t(l_i) W_i.h,    t(l) = l / (L - 1) in [0, 1],
+    so p(l_i = l | h) = softmax_l(b_il + t(l) W_i.h): a free histogram per pixel (the D L biases b), tilted by
+    the hidden units (an exponential-family harmonium, Welling, Rosen-Zvi & Hinton 2005, with the level as the
+    sufficient statistic; with L = 2 it is the Bernoulli RBM). The weights are D x H instead of the softmax
+    units' D L x H: a hidden unit moves a pixel darker or brighter instead of to unrelated levels, which on
+    digits keeps the samples' pixels from scattering over the levels."""
+
+    name = "ordinal"
+
+    @staticmethod
+    def interaction_dim(info: DataInfo) -> int:
+        return info.dim
+
+    @classmethod
+    def intensity(cls, dtype: torch.dtype, device) -> Tensor:
+        return torch.arange(cls.levels, dtype=dtype, device=device) / (cls.levels - 1)
+
+    @classmethod
+    def over_sigma(cls, v: Tensor, sigma: Tensor) -> Tensor:
+        """One-hot groups (..., D L) -> each pixel's intensity t(l) (..., D)."""
+        return cls.groups(v) @ cls.intensity(v.dtype, v.device)
+
+    @classmethod
+    def times_sigma(cls, a: Tensor, sigma: Tensor) -> Tensor:
+        """Per-pixel hidden input W_i.h (..., D) -> its contribution t(l) W_i.h to every level (..., D L)."""
+        return (a[..., None] * cls.intensity(a.dtype, a.device)).flatten(-2)
+
+
 @lru_cache(maxsize=None)
-def categorical_units(levels: int) -> type:
-    """The categorical units class for L levels (cached, so each L has one class)."""
-    return type(f"CategoricalUnits{levels}", (CategoricalUnits,), {"levels": levels})
+def level_units(base: type, levels: int) -> type:
+    """The categorical or ordinal units class for L levels (cached, so each L has one class)."""
+    return type(f"{base.__name__}{levels}", (base,), {"levels": levels})
 
 
 UNITS = {u.name: u for u in (BernoulliUnits, GaussianUnits)}
-MAX_CATEGORICAL_LEVELS = 32  # `auto` above this binarises: D L visibles grow with the levels
+LEVEL_UNITS = {u.name: u for u in (CategoricalUnits, OrdinalUnits)}
+MAX_LEVELS = 32  # `auto` above this binarises: the D L visible units grow with the levels
 
 
 def visible_units(visible: str, info: DataInfo):
-    """`auto`: categorical for images with at most 32 levels (digits), Bernoulli (binarised) for images with
+    """`auto`: ordinal for images with at most 32 levels (digits), Bernoulli (binarised) for images with
     more (MNIST), Gaussian for real vectors."""
     if visible == "auto":
         if info.kind != "image":
             visible = "gaussian"
-        elif info.levels is not None and info.levels <= MAX_CATEGORICAL_LEVELS:
-            visible = "categorical"
+        elif info.levels is not None and info.levels <= MAX_LEVELS:
+            visible = "ordinal"
         else:
             visible = "bernoulli"
-    if visible == "categorical":
+    if visible in LEVEL_UNITS:
         if info.levels is None:
-            raise ValueError("categorical visibles need discrete data (DataInfo.levels)")
-        return categorical_units(info.levels)
+            raise ValueError(f"{visible} visibles need discrete data (DataInfo.levels)")
+        return level_units(LEVEL_UNITS[visible], info.levels)
     return UNITS[visible]
