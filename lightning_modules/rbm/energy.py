@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.common.ais import AISResult, ais_log_z, beta_schedule
-from lightning_modules.rbm.units import BernoulliUnits
+from lightning_modules.rbm.units import BernoulliUnits, sample_bernoulli
 
 
 @dataclass
@@ -54,7 +54,7 @@ class RBMEnergy:
 
     def gibbs(self, v: Tensor, beta: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
         """One block-Gibbs sweep v -> h -> v' at inverse temperature beta."""
-        h = torch.bernoulli(self.h_given_v(v, beta), generator=generator)
+        h = sample_bernoulli(self.h_given_v(v, beta), generator)
         return self.units.sample(self.visible_input(h, beta), self.sigma, generator)
 
     def reconstruction_log_likelihood(self, v: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.rbm.energy import RBMEnergy
+from lightning_modules.rbm.units import sample_bernoulli
 
 
 @dataclass
@@ -51,7 +52,7 @@ class LabelUnits:
     def gibbs(self, energy: RBMEnergy, v: Tensor, y: Tensor,
               generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
         """One block-Gibbs sweep of the joint chain (v, y) -> h -> (v', y'): v' and y' are independent given h."""
-        h = torch.bernoulli(self.clamp(energy, y).h_given_v(v), generator=generator)
+        h = sample_bernoulli(self.clamp(energy, y).h_given_v(v), generator)
         v = energy.units.sample(energy.visible_input(h), energy.sigma, generator)
         y = torch.multinomial(torch.softmax(self.d + h @ self.U.T, -1), 1, generator=generator)[:, 0]
         return v, y
