@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
 
-# (v, beta_prev, beta) -> log f_beta(v) - log f_beta_prev(v) for each row of v (one call, so that a model can
-# share the work between the two densities)
-LogRatio = Callable[[Tensor, float, float], Tensor]
-# (v, beta) -> one MCMC step that leaves p_beta invariant
-Transition = Callable[[Tensor, float], Tensor]
+# (v, beta_prev, beta) -> (log f_beta(v) - log f_beta_prev(v) for each row of v, v' ~ T_beta(. | v)), where T_beta
+# leaves p_beta invariant: one call, so that a model can share the work between the weight and the move
+AnnealStep = Callable[[Tensor, float, float], Tuple[Tensor, Tensor]]
 
 
 def beta_schedule(n_steps: int) -> Tensor:
@@ -48,16 +46,15 @@ class AISResult:
 
 
 @torch.no_grad()
-def ais_log_z(log_ratio: LogRatio, transition: Transition, sample_base: Callable[[int], Tensor],
-              log_z_base: float, betas: Tensor, n_chains: int) -> AISResult:
+def ais_log_z(step: AnnealStep, sample_base: Callable[[int], Tensor], log_z_base: float, betas: Tensor,
+              n_chains: int) -> AISResult:
     """Estimate log Z_1 of f_1 = f_{betas[-1]}, given exact draws from and the log normaliser of
     p_0 = f_{betas[0]} / Z_0."""
     betas = [float(b) for b in betas]
     v = sample_base(n_chains)
     log_w = torch.zeros(n_chains, dtype=torch.float64, device=v.device)
     for k in range(1, len(betas)):
-        log_w += log_ratio(v, betas[k - 1], betas[k]).to(torch.float64)
-        if k < len(betas) - 1:
-            v = transition(v, betas[k])
+        log_ratio, v = step(v, betas[k - 1], betas[k])  # the move after the last weight is not used
+        log_w += log_ratio.to(torch.float64)
     log_z = log_z_base + float(torch.logsumexp(log_w, 0)) - math.log(n_chains)
     return AISResult(log_z, log_w)

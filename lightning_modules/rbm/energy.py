@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,24 +90,28 @@ class RBMEnergy:
             parts.append(torch.logsumexp(h @ self.c + log_v, 0))
         return float(torch.logsumexp(torch.stack(parts), 0))
 
-    def log_ratio(self, v: Tensor, beta_prev: float, beta: float) -> Tensor:
-        """log f_beta(v) - log f_beta_prev(v) with f_beta = exp(-F(v, beta)), sharing one hidden input:
-        -F(v, beta) = -(1 - beta) E_vis(v; base) - beta E_vis(v; b) + sum_j softplus(beta a_j(v))."""
+    def anneal_step(self, v: Tensor, beta_prev: float, beta: float, fast: "RBMEnergy",
+                    generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """One AIS step from v: (log f_beta(v) - log f_beta_prev(v), one Gibbs sweep at beta), with f_beta =
+        exp(-F(v, beta)) and one hidden input a(v) shared by both:
+            -F(v, beta) = -(1 - beta) E_vis(v; base) - beta E_vis(v; b) + sum_j softplus(beta a_j(v)).
+        The weight is computed in this energy's dtype; the visible draw runs on `fast` (a float32 copy)."""
         a = self.hidden_input(v)
         visible = self.units.energy(v, self.b, self.sigma) - self.units.energy(v, self.base, self.sigma)
-        return (beta_prev - beta) * visible + (F.softplus(beta * a) - F.softplus(beta_prev * a)).sum(-1)
+        log_ratio = (beta_prev - beta) * visible + (F.softplus(beta * a) - F.softplus(beta_prev * a)).sum(-1)
+        h = sample_bernoulli(torch.sigmoid(beta * a).to(fast.W.dtype), generator)
+        v_next = fast.units.sample(fast.visible_input(h, beta), fast.sigma, generator).to(v.dtype)
+        return log_ratio, v_next
 
     def log_z_ais(self, n_chains: int, n_steps: int, generator: Optional[torch.Generator] = None,
                   log_z_base: Optional[float] = None, transition_dtype: torch.dtype = torch.float32) -> AISResult:
         """AIS along the beta path with one Gibbs sweep per intermediate distribution. A batch of RBMs with one
         row of `c` and `base` per chain passes `log_z_base=0.0` and adds each row's own base log Z. The weights
-        are accumulated in this energy's dtype; the Gibbs sweeps run in `transition_dtype` (float32 by default:
-        rounding the sampler's probabilities changes nothing measurable, and halves the cost)."""
+        are accumulated in this energy's dtype; the visible draws run in `transition_dtype` (float32 by
+        default: rounding the sampler's probabilities changes nothing measurable, and halves the cost)."""
         fast = self.detached(transition_dtype)
-        dtype = self.W.dtype
         return ais_log_z(
-            log_ratio=self.log_ratio,
-            transition=lambda v, beta: fast.gibbs(v.to(transition_dtype), beta, generator).to(dtype),
+            step=lambda v, beta_prev, beta: self.anneal_step(v, beta_prev, beta, fast, generator),
             sample_base=lambda n: self.units.sample(self.base.expand(n, -1), self.sigma, generator),
             log_z_base=self.log_z_base() if log_z_base is None else log_z_base,
             betas=beta_schedule(n_steps),

@@ -225,6 +225,11 @@ class CategoricalUnits(BernoulliUnits):
         return scale.numel() * math.log(cls.levels)
 
 
+@lru_cache(maxsize=None)
+def _intensity(levels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.arange(levels, dtype=dtype, device=device) / (levels - 1)
+
+
 class OrdinalUnits(CategoricalUnits):
     """Categorical levels whose interaction with the hidden layer is along the intensity: the energy is
         E(v, h) = -b.v - c.h - sum_i t(l_i) W_i.h,    t(l) = l / (L - 1) in [0, 1],
@@ -242,7 +247,8 @@ class OrdinalUnits(CategoricalUnits):
 
     @classmethod
     def intensity(cls, dtype: torch.dtype, device) -> Tensor:
-        return torch.arange(cls.levels, dtype=dtype, device=device) / (cls.levels - 1)
+        """t(l) = l / (L - 1) for l = 0..L-1 (cached per dtype and device: the Gibbs sweeps ask for it twice each)."""
+        return _intensity(cls.levels, dtype, torch.device(device))
 
     @classmethod
     def over_sigma(cls, v: Tensor, sigma: Tensor) -> Tensor:
