@@ -52,7 +52,8 @@ def binary(x: torch.Tensor) -> np.ndarray:
 
 
 def genzoo_model(args, n_hidden: int) -> RBM:
-    cfg = dict(n_hidden=n_hidden, persistent=True, n_chains=args.batch_size, cd_k=1, lr=args.lr, momentum=0.0,
+    cfg = dict(visible="bernoulli", conditional=False, n_hidden=n_hidden, persistent=True, n_chains=args.batch_size,
+               cd_k=1, lr=args.lr, momentum=0.0,
                weight_decay=0.0, max_epochs=args.epochs, seed=args.seed)
     return RBM(cfg, INFO)
 
