@@ -217,7 +217,7 @@ def test_pseudo_likelihood_matches_flipping_each_bit():
 # --- data-space densities -----------------------------------------------------------------------------
 @pytest.mark.parametrize("visible, d", [("bernoulli", 6), ("categorical", 4), ("ordinal", 4)])
 def test_discrete_data_density_is_normalised_and_constant_on_bins(visible, d):
-    """Binary: half-cubes of [0, 1]^d; categorical: the L^d level bins (the dequantisation convention)."""
+    """Binary: half-cubes of [0, 1]^d; categorical and ordinal: the L^d level bins (the dequantisation convention)."""
     m = random_rbm(d, 5, visible)
     v, centre, corner, log_volume = all_visible(d, visible)
     with torch.no_grad():
@@ -425,12 +425,13 @@ def test_marginal_is_the_sum_over_classes(visible):
         assert float(torch.logsumexp(m.class_log_prior(), 0)) == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("visible, d, steps", [("bernoulli", 10, 3000), ("categorical", 5, 3000), ("ordinal", 5, 3000)])
-def test_class_ais_matches_brute_force(visible, d, steps):
+@pytest.mark.parametrize("visible, d", [("bernoulli", 10), ("categorical", 5), ("ordinal", 5)])
+def test_class_ais_matches_brute_force(visible, d):
     """AIS of every class's log Z_y in one batch of chains against enumeration over (v, h) per class."""
     m = random_rbm(d, 6, visible, weight_scale=0.5, classes=3, exact_max_hidden=0)
-    m.config.ais_steps = steps
-    m.config.ais_chains = 300  # 100 per class: the estimate's spread is about 0.015, a third of the tolerance
+    # 100 chains per class, 3000 steps: over 10 seeds the error's spread is 0.007 to 0.02 per class (no bias),
+    # the largest error 0.042, against the tolerance of 0.05
+    m.config.ais_steps, m.config.ais_chains = 3000, 300
     m.refresh_log_z()
     assert not bool(m.log_z_exact)
     with torch.no_grad():
