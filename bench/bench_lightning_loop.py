@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_modules.flow import Flow  # noqa: E402
-from lightning_modules.gan.model import GAN, ema_decay_at, ema_update_  # noqa: E402
+from lightning_modules.common.ema import ema_decay_at, ema_update_
+from lightning_modules.gan.model import GAN  # noqa: E402
 
 DIGITS = {"shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}
 TOY = {"shape": [2], "kind": "vector"}

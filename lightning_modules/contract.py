@@ -24,7 +24,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Literal, Mapping, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -260,6 +260,13 @@ class GenerativeModel(pl.LightningModule):
         """Keep the checkpoint with the best sample quality (validation FID), measured every this many
         epochs, instead of the last one; None (the default): the last checkpoint is the model."""
         return None
+
+    def sample_sweep(self) -> Dict[str, Dict[str, Any]]:
+        """Further settings of `sample` for the evaluate stage to score as well: {suffix: keyword arguments}
+        (a diffusion model's guidance scales, {"w2": {"guidance": 2.0}}; {} names the default setting, whose
+        samples are already scored); each setting's FID, KID, precision and recall are logged as
+        `<metric>_<suffix>`. Default: none."""
+        return {}
 
     @classmethod
     def has_log_prob(cls) -> bool:

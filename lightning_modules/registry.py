@@ -10,6 +10,7 @@ FAMILIES = {
     "vae": "lightning_modules.vae:VAE",
     "gan": "lightning_modules.gan:GAN",
     "flow": "lightning_modules.flow:Flow",
+    "diffusion": "lightning_modules.diffusion:Diffusion",
 }
 
 

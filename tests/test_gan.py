@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.contract import DataInfo
-from lightning_modules.gan.model import GAN, ema_decay_at, ema_update_
+from lightning_modules.common.ema import ema_decay_at, ema_update_
+from lightning_modules.gan.model import GAN
 from lightning_modules.gan.losses import gan_loss
 from lightning_modules.common.nets import num_stages
 from lightning_modules.gan.nets import ProjectionDiscriminator, SpectralNorm, build_pair

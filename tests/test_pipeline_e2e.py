@@ -24,6 +24,8 @@ TINY = {
     "vae": {"max_epochs": 2, "iwae_k": 8},
     "gan": {"max_epochs": 2},
     "flow": {"max_epochs": 1},
+    "diffusion": {"max_epochs": 1, "channels": 8, "sample_steps": 4, "encode_steps": 2, "bound_samples": 2,
+                  "guidance_sweep": [0.0, 2.0]},
 }
 
 
@@ -63,10 +65,16 @@ def test_repro_writes_metrics_for_every_family(repro):
     for family in params["families"]:
         assert family in metrics, f"no {family} row in metrics.json"
         assert "fid" in metrics[family] and metrics[family]["fid"] > 0
-    for family in ("gmm", "hmm", "rbm", "vae", "flow"):
+    for family in ("gmm", "hmm", "rbm", "vae", "flow", "diffusion"):
         assert metrics[family]["nll"] > 0 and metrics[family]["bpd"] > 0
     assert "nll" not in metrics["gan"], "a GAN has no likelihood: it must not report a number"
+    # the diffusion model's guidance sweep: every scale scored, and drawn in the report
+    assert metrics["diffusion"]["nll_kind"] == "lower_bound"
+    for w in ("w0", "w2"):
+        for key in ("fid", "precision", "recall", "kid_mean"):
+            assert f"{key}_{w}" in metrics["diffusion"], f"no {key}_{w} in the diffusion row"
     html = (project / "reports" / "index.html").read_text()
+    assert "Sample quality against diversity" in html
     assert html.count("<tr") >= len(params["families"]) + 2  # header + families + real-data floor
     assert "data:image/png;base64," in html
 
@@ -135,7 +143,7 @@ def test_sample_from_the_logged_mlflow_model_and_from_the_checkpoint(repro, fami
         assert img[..., :3].std() > 0.01, f"{family} samples from {ref} are a blank image"
 
 
-@pytest.mark.parametrize("family", ["gmm", "gan"])
+@pytest.mark.parametrize("family", ["gmm", "gan", "diffusion"])
 def test_sample_a_requested_class(repro, family):
     import torch
 

@@ -2,6 +2,7 @@
 convolutional encoder / decoder pair that halves (doubles) the image while it stays even."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, List, Sequence, Tuple
 
 from torch import Tensor, nn
@@ -66,3 +67,14 @@ class ConvDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.body(z)
+
+
+@contextmanager
+def evaluating(module: nn.Module):
+    """Eval mode inside the block, the previous mode restored after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

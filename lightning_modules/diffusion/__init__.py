@@ -1,3 +1,5 @@
-"""Diffusion family (issue 11, being built): the continuous-time noise schedule (`schedule`) and the variational
-bound on -log p(x) (`bound`), tested against closed forms on Gaussian data. The model itself, and its place in the
-registry and the pipeline, come with the rest of the issue."""
+"""The diffusion family (see `model`): the noise schedule (`schedule`), the likelihood bound (`bound`), the
+denoisers (`denoisers`) and the samplers (`samplers`)."""
+from lightning_modules.diffusion.model import Diffusion
+
+__all__ = ["Diffusion"]

@@ -40,6 +40,22 @@ def endpoint_terms(x: Tensor, schedule: CosineSchedule) -> Tensor:
     return (reconstruction + prior).to(x.dtype)
 
 
+def diffusion_term_at(x: Tensor, predict_noise: NoisePredictor, schedule: CosineSchedule, log_snr: Tensor,
+                      eps: Tensor) -> Tensor:
+    """The diffusion term's integrand at given draws, times the interval's length: (range / 2) ||eps - eps_hat||^2
+    per example (B,), with z_lambda = alpha x + sigma eps; unbiased for the term when lambda ~ U[lambda_min,
+    lambda_max] (each lambda's marginal; stratified draws qualify)."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    alpha, sigma = torch.sigmoid(log_snr).sqrt().view(shape), torch.sigmoid(-log_snr).sqrt().view(shape)
+    error = _per_example_sum(((eps - predict_noise(alpha * x + sigma * eps, log_snr)) ** 2).double())
+    # control variate: ||eps||^2 - D has mean 0 whatever lambda is. At high SNR eps_hat ~ 0 and the error is
+    # mostly ||eps||^2, at low SNR eps_hat ~ eps; subtracting alpha^2 (||eps||^2 - D) removes most of the draw's
+    # variance at the high end and little at the low end, and leaves the estimate unbiased.
+    d = x[0].numel()
+    error = error - torch.sigmoid(log_snr).double() * (_per_example_sum(eps.double() ** 2) - d)
+    return 0.5 * (schedule.log_snr_max - schedule.log_snr_min) * error
+
+
 def diffusion_term(x: Tensor, predict_noise: NoisePredictor, schedule: CosineSchedule,
                    generator: torch.Generator | None = None) -> Tensor:
     """One unbiased draw of (1/2) int E||eps - eps_hat||^2 d lambda per example (B,): lambda uniform on the
@@ -47,10 +63,7 @@ def diffusion_term(x: Tensor, predict_noise: NoisePredictor, schedule: CosineSch
     lam = schedule.log_snr_min + (schedule.log_snr_max - schedule.log_snr_min) * torch.rand(
         len(x), generator=generator, device=x.device, dtype=x.dtype)
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    alpha, sigma = torch.sigmoid(lam).sqrt().view(shape), torch.sigmoid(-lam).sqrt().view(shape)
-    error = _per_example_sum((eps - predict_noise(alpha * x + sigma * eps, lam)) ** 2)
-    return 0.5 * (schedule.log_snr_max - schedule.log_snr_min) * error
+    return diffusion_term_at(x, predict_noise, schedule, lam, eps).to(x.dtype)
 
 
 def negative_log_likelihood_bound(x: Tensor, predict_noise: NoisePredictor, schedule: CosineSchedule,

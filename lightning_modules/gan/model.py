@@ -21,44 +21,17 @@ should not penalise it for the others); `encode` stays phi(x), which does not de
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.common.ema import ema_decay_at, ema_update_
+from lightning_modules.common.nets import evaluating
 from lightning_modules.contract import Conditional, GenerativeModel, require
 from lightning_modules.gan.losses import gan_loss
 from lightning_modules.gan.nets import build_pair
-
-
-@torch.no_grad()
-def ema_update_(average: nn.Module, current: nn.Module, decay: float) -> None:
-    """average <- decay * average + (1 - decay) * current, parameter by parameter; buffers (BatchNorm
-    running statistics) are copied, so the averaged generator normalises like the current one."""
-    for a, c in zip(average.parameters(), current.parameters()):
-        a.lerp_(c, 1.0 - decay)
-    for a, c in zip(average.buffers(), current.buffers()):
-        a.copy_(c)
-
-
-def ema_decay_at(decay: float, step: int) -> float:
-    """The decay used at generator step `step` (1-based): min(decay, (1 + t) / (10 + t)), the warm-up of
-    TensorFlow's ExponentialMovingAverage(num_updates). Without it a decay of 0.999 over a few hundred steps
-    would keep the average mostly at the random initial weights."""
-    return min(decay, (1.0 + step) / (10.0 + step))
-
-
-@contextmanager
-def evaluating(module: nn.Module):
-    """Eval mode inside the block, the previous mode restored after it."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 class GAN(GenerativeModel):

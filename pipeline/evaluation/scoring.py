@@ -48,11 +48,11 @@ def held_out_log_likelihoods(model: GenerativeModel, x: Tensor, y: Tensor, batch
 
 
 @torch.no_grad()
-def timed_samples(model: GenerativeModel, n: int, batch_size: int):
+def timed_samples(model: GenerativeModel, n: int, batch_size: int, **sample_kwargs):
     start = time.perf_counter()
     parts, left = [], n
     while left > 0:
-        parts.append(model.sample(min(batch_size, left)).detach().cpu())
+        parts.append(model.sample(min(batch_size, left), **sample_kwargs).detach().cpu())
         left -= len(parts[-1])
     seconds = time.perf_counter() - start
     return torch.cat(parts), n / seconds
@@ -116,6 +116,25 @@ def sample_quality(features, test: Tensor, samples: Tensor, ecfg) -> Dict[str, f
     return out
 
 
+SWEEP_METRICS = ("fid", "kid_mean", "precision", "recall")
+
+
+def sample_sweep_metrics(model: GenerativeModel, features, test: Tensor, default_quality: Dict[str, float],
+                         ecfg) -> tuple:
+    """The sample-quality metrics at each of the model's further sampling settings (`sample_sweep`, e.g. guidance
+    scales; {} is the default setting, scored already as `default_quality`): ({"fid_<suffix>": ..., ...}, [one point
+    per setting, in order])."""
+    metrics, points = {}, []
+    for suffix, kwargs in model.sample_sweep().items():
+        quality = default_quality
+        if kwargs:
+            samples, _ = timed_samples(model, ecfg.n_samples, ecfg.batch_size, **kwargs)
+            quality = sample_quality(features, test, samples, ecfg)
+        metrics.update({f"{k}_{suffix}": quality[k] for k in SWEEP_METRICS})
+        points.append({"setting": suffix, **kwargs, **{k: quality[k] for k in SWEEP_METRICS}})
+    return metrics, points
+
+
 def real_data_floor(features, dm, ecfg) -> Dict[str, float]:
     """The sample-quality metrics of the test split against the train split: how far real data is from
     itself, a floor no model can be expected to beat."""
@@ -139,7 +158,12 @@ def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg,
     samples, per_second = timed_samples(model, ecfg.n_samples, bs)
     metrics["samples_per_second"] = per_second
     if features is not None:
-        metrics.update(sample_quality(features, test_x, samples, ecfg))
+        quality = sample_quality(features, test_x, samples, ecfg)
+        metrics.update(quality)
+        sweep, points = sample_sweep_metrics(model, features, test_x, quality, ecfg)
+        metrics.update(sweep)
+        if points:
+            curves["sample_sweep"] = points
     if info.kind in ("image", "vector"):
         g = torch.Generator().manual_seed(ecfg.seed)
         anomalies = corrupted(test_x, info, g)

@@ -107,6 +107,36 @@ def roc_figure(results) -> str:
     return _png(fig)
 
 
+def sample_tradeoff_figure(results) -> str:
+    """FID against recall, and precision against recall: one curve per family with a sampling sweep (guidance
+    scales, labelled), one point for every other family at its single setting. Empty when no
+    family has a sweep."""
+    if not any(r.get("curves", {}).get("sample_sweep") for r in results.values()):
+        return ""
+    fig, (ax_fid, ax_prec) = plt.subplots(1, 2, figsize=(8.4, 3.6))
+    for family, r in results.items():
+        m, points = r["metrics"], r.get("curves", {}).get("sample_sweep")
+        if points:
+            recall = [p["recall"] for p in points]
+            line, = ax_fid.plot(recall, [p["fid"] for p in points], "o-", label=family)
+            ax_prec.plot(recall, [p["precision"] for p in points], "o-", color=line.get_color(), label=family)
+            for p in points:
+                ax_fid.annotate(p["setting"], (p["recall"], p["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax_prec.annotate(p["setting"], (p["recall"], p["precision"]), fontsize=7, xytext=(3, 3),
+                                 textcoords="offset points")
+        elif all(isinstance(m.get(k), (int, float)) for k in ("fid", "precision", "recall")):
+            point, = ax_fid.plot([m["recall"]], [m["fid"]], "s", label=family)
+            ax_prec.plot([m["recall"]], [m["precision"]], "s", color=point.get_color(), label=family)
+    ax_fid.set_xlabel("recall")
+    ax_fid.set_ylabel("FID (lower is better)")
+    ax_prec.set_xlabel("recall")
+    ax_prec.set_ylabel("precision")
+    ax_prec.legend(fontsize=7)
+    fig.suptitle("sample quality against diversity")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def html_table(rows: Dict[str, dict]) -> str:
     cols = used_columns(rows)
     best = best_per_column(rows)
@@ -141,6 +171,7 @@ featnet, and the CAS classifier trained on the real training set.</p>
 {table}
 <h2>Samples</h2><div class="grids">{grids}</div>
 {class_grids}
+{tradeoff}
 <h2>Training curves</h2><img src="{curves}" style="max-width:100%" alt="training curves">
 <h2>Anomaly detection</h2><img src="{roc}" alt="ROC curves">
 <h2>Config</h2><pre>{config}</pre>
@@ -160,11 +191,17 @@ def write_html(cfg, results, rows, histories, floor) -> Path:
     )
     if class_grids:
         class_grids = f'<h2>Samples by class (row c: asked for class c)</h2><div class="grids">{class_grids}</div>'
+    tradeoff = sample_tradeoff_figure(results)
+    if tradeoff:
+        tradeoff = ("<h2>Sample quality against diversity</h2><p>Each point of a curve is one sampling setting of a "
+                    "family (w: a classifier-free guidance scale, which trades recall for precision); the families "
+                    "without a sweep are single points.</p>"
+                    f'<img src="{tradeoff}" alt="FID and precision against recall">')
     note = f" FID features: featnet classifier (test accuracy {floor['accuracy']:.3f})." if "accuracy" in floor else ""
     page = PAGE.format(dataset=html.escape(cfg.data.dataset), commit=tracking.git_commit(), table=html_table(rows),
                        grids=grids, curves=curves_figure(histories), roc=roc_figure(results),
                        config=html.escape(OmegaConf.to_yaml(cfg, resolve=True)), featnet_note=note,
-                       class_grids=class_grids)
+                       class_grids=class_grids, tradeoff=tradeoff)
     INDEX_HTML.write_text(page)
     return INDEX_HTML
 
