@@ -103,7 +103,7 @@ def eight_gaussians_model(tmp_path_factory):
     y = np.where(rng.random(len(y)) < 0.7, y, (y + rng.choice([-1, 1], len(y))) % 8)
     model = Diffusion({"width": 128, "blocks": 3, "dropout": 0.0, "lr": 3e-3, "warmup_steps": 100, "max_epochs": 25,
                        "ema_decay": 0.995, "label_dropout": 0.2, "bound_samples": 32, "sample_steps": 100,
-                       "encode_steps": 500}, {**VECTOR, "num_classes": 8})
+                       "latent_steps": 500}, {**VECTOR, "num_classes": 8})
     return fit(tmp_path_factory.mktemp("diffusion"), model, torch.tensor(x, dtype=torch.float32), torch.tensor(y),
                epochs=25)
 
@@ -132,7 +132,7 @@ def test_eight_gaussians_samples_cover_every_mode(eight_gaussians_model):
 def test_ddim_encoding_then_decoding_returns_a_test_batch(eight_gaussians_model):
     x, _ = eight_gaussians(256, np.random.default_rng(2))
     x = torch.tensor(x, dtype=torch.float32)
-    latent = eight_gaussians_model.encode(x)
+    latent = eight_gaussians_model.ddim_latent(x)
     assert latent.shape == (256, 2)
     assert float((eight_gaussians_model.decode(latent) - x).abs().max()) < 1e-2
 

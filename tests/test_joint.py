@@ -216,3 +216,18 @@ def test_cas_is_deterministic(digits):
     a = classification_accuracy_score(xtr, ytr, test, 10, small, 0, 256)
     b = classification_accuracy_score(xtr, ytr, test, 10, small, 0, 256)
     assert a == b
+
+
+@pytest.mark.parametrize("prior, n", [([0.5, 0.5], 7), ([0.1, 0.0, 0.6, 0.3], 1000), ([1.0], 5),
+                                      ([0.07, 0.13, 0.11, 0.09, 0.1, 0.1, 0.12, 0.08, 0.1, 0.1], 1258), ([1 / 3] * 3, 100)])
+def test_proportional_labels_have_the_priors_counts_in_a_random_order(prior, n):
+    from pipeline.evaluation.conditional import proportional_labels
+
+    prior = torch.tensor(prior, dtype=torch.float64)
+    labels = proportional_labels(prior, n, torch.Generator().manual_seed(0))
+    counts = np.bincount(labels.numpy(), minlength=len(prior))
+    assert counts.sum() == n and len(labels) == n
+    assert np.all(np.abs(counts - n * prior.numpy()) < 1)  # each count is n p(y) rounded up or down
+    assert np.all(counts[prior.numpy() == 0] == 0)
+    if len(prior) > 1 and n > 10:
+        assert not torch.equal(labels, labels.sort().values)  # shuffled, so every batch mixes the classes

@@ -24,7 +24,7 @@ TINY = {
     "vae": {"max_epochs": 2, "iwae_k": 8},
     "gan": {"max_epochs": 2},
     "flow": {"max_epochs": 1},
-    "diffusion": {"max_epochs": 1, "channels": 8, "sample_steps": 4, "encode_steps": 2, "bound_samples": 2,
+    "diffusion": {"max_epochs": 1, "channels": 8, "sample_steps": 4, "bound_samples": 2,
                   "guidance_sweep": [0.0, 2.0]},
 }
 

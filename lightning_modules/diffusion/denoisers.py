@@ -103,7 +103,7 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(_groups(channels), channels), nn.SiLU(),
                                   _zero(nn.Conv2d(channels, c_img, 3, padding=1)))
 
-    def forward(self, z: Tensor, log_snr: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def _down_and_middle(self, z: Tensor, log_snr: Tensor, y: Optional[Tensor]):
         emb = self.conditioning(log_snr, y)
         h = self.down[0](self.stem(z), emb)
         skips = [h]
@@ -112,6 +112,14 @@ class UNet(nn.Module):
             skips.append(h)
         for block in self.middle:
             h = block(h, emb)
+        return h, skips, emb
+
+    def bottleneck(self, z: Tensor, log_snr: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """The lowest-resolution activations after the middle blocks, flattened: (B, features)."""
+        return self._down_and_middle(z, log_snr, y)[0].flatten(1)
+
+    def forward(self, z: Tensor, log_snr: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        h, skips, emb = self._down_and_middle(z, log_snr, y)
         h = self.up[0](torch.cat([h, skips.pop()], 1), emb)
         for upsample, block in zip(self.upsample, self.up[1:]):
             h = block(torch.cat([upsample(h), skips.pop()], 1), emb)
@@ -134,10 +142,14 @@ class ResidualMLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), _zero(nn.Linear(width, dim)))
 
-    def forward(self, z: Tensor, log_snr: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def bottleneck(self, z: Tensor, log_snr: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """The last hidden layer, before the output head: (B, width)."""
         emb = F.silu(self.conditioning(log_snr, y))
         h = self.stem(z.flatten(1))
         for norm, first, to_emb, second in zip(self.norms, self.first, self.embs, self.second):
             u = first(F.silu(norm(h))) + to_emb(emb)
             h = h + second(self.dropout(F.silu(u)))
-        return self.head(h).view(z.shape)
+        return h
+
+    def forward(self, z: Tensor, log_snr: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        return self.head(self.bottleneck(z, log_snr, y)).view(z.shape)

@@ -17,7 +17,8 @@
   P(X, Y) every class is scored at the same draws (common random numbers), so log p(x | y) differences, and
   with them p(y | x), are not swamped by the draws' noise.
 - `anomaly_score`: minus the bound of the unconditional model (the "no label" input).
-- `encode`: the DDIM latent at t = 1 (the probability-flow ODE solved from the data up, unconditional).
+- `encode`: the unconditional denoiser's bottleneck features of the clean input at a fixed noise level, for the
+  probes; `ddim_latent` / `decode`: the deterministic DDIM latent at t = 1 (the probability-flow ODE) and back.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class Diffusion(GenerativeModel):
         guidance_sweep: List[float] = field(default_factory=lambda: [0.0, 0.25, 1.0])
         sampler: Literal["ddpm", "ddim"] = "ddpm"
         sample_steps: int = 100
-        encode_steps: int = 20  # Heun steps (2 network calls each) of `encode`
+        encode_log_snr: float = 4.0  # the noise level at which `encode` reads the denoiser's bottleneck
+        latent_steps: int = 100  # Heun steps (2 network calls each) of `ddim_latent` and `decode`
         bound_samples: int = 16  # Monte Carlo draws per example of the likelihood bound
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
@@ -73,7 +75,7 @@ class Diffusion(GenerativeModel):
             require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), not {self.dropout}")
             require(self.log_snr_max > self.log_snr_min, "log_snr_max",
                     f"must exceed log_snr_min ({self.log_snr_min}), not {self.log_snr_max}")
-            for key in ("sample_steps", "encode_steps", "bound_samples", "channels", "width", "blocks"):
+            for key in ("sample_steps", "latent_steps", "bound_samples", "channels", "width", "blocks"):
                 require(getattr(self, key) >= 1, key, f"must be >= 1, not {getattr(self, key)}")
             require(self.lr > 0, "lr", f"must be > 0, not {self.lr}")
             require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, not {self.warmup_steps}")
@@ -201,16 +203,27 @@ class Diffusion(GenerativeModel):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
+        """The representation for probes: the unconditional denoiser's bottleneck features at log-SNR
+        `encode_log_snr`, fed the clean input alpha x (deterministic; on digits a linear probe on them scores
+        0.986-0.989 for log-SNR 4 to 8, against 0.80 on the DDIM latent, which keeps every pixel's detail)."""
+        lam = torch.full((len(x),), self.config.encode_log_snr, device=x.device, dtype=x.dtype)
         with evaluating(self.denoiser_ema):
-            latent = samplers.encode(self._noise_fn(None), self._to_model(x), self.schedule, self.config.encode_steps)
+            return self.denoiser_ema.bottleneck(torch.sigmoid(lam[0]).sqrt() * self._to_model(x), lam, None)
+
+    @torch.no_grad()
+    def ddim_latent(self, x: Tensor) -> Tensor:
+        """The deterministic DDIM latent at t = 1: the probability-flow ODE solved from the data upwards with
+        `latent_steps` Heun steps (unconditional)."""
+        with evaluating(self.denoiser_ema):
+            latent = samplers.encode(self._noise_fn(None), self._to_model(x), self.schedule, self.config.latent_steps)
         return latent.flatten(1)
 
     @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:
-        """The inverse of `encode`: the probability-flow ODE from the latent back to data (unconditional)."""
+        """The inverse of `ddim_latent`: the probability-flow ODE from the latent back to data."""
         with evaluating(self.denoiser_ema):
             z = samplers.decode(self._noise_fn(None), latent.view(-1, *self.info.shape), self.schedule,
-                                self.config.encode_steps)
+                                self.config.latent_steps)
         return self._from_model(z)
 
     # --- training -------------------------------------------------------------------------------

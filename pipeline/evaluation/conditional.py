@@ -56,6 +56,20 @@ def classification_accuracy_score(x_train: Tensor, y_train: Tensor, test: Tuple[
     return accuracy(net, *test, batch_size)
 
 
+def proportional_labels(prior: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """n class labels in the proportions of `prior` (K,) as exactly as n allows (largest-remainder rounding of
+    n p(y)), in a random order: stratified sampling of y ~ p(y). Each sample's label is still marginally p(y), but
+    the label counts carry no multinomial noise, which on digits swung a model's FID by +-0.25 between seeds."""
+    p = prior.double() / prior.double().sum()
+    exact = p * n
+    counts = exact.floor().long()
+    short = n - int(counts.sum())
+    if short:
+        counts[torch.argsort(exact - counts, descending=True)[:short]] += 1
+    labels = torch.repeat_interleave(torch.arange(len(p)), counts)
+    return labels[torch.randperm(n, generator=generator)]
+
+
 @torch.no_grad()
 def labelled_samples(model: GenerativeModel, labels: Tensor, batch_size: int) -> Tensor:
     """Samples asked for the given classes, in data space."""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.contract import DataInfo, GenerativeModel
-from pipeline.evaluation.conditional import bayes_classifier_accuracy, conditional_metrics
+from pipeline.evaluation.conditional import bayes_classifier_accuracy, conditional_metrics, proportional_labels
 from pipeline.evaluation.sample_metrics import extract, fid_kid, precision_recall
 
 
@@ -48,12 +48,21 @@ def held_out_log_likelihoods(model: GenerativeModel, x: Tensor, y: Tensor, batch
 
 
 @torch.no_grad()
-def timed_samples(model: GenerativeModel, n: int, batch_size: int, **sample_kwargs):
+def timed_samples(model: GenerativeModel, n: int, batch_size: int, seed: int, **sample_kwargs):
+    """n samples and the samples per second. A model of P(X, Y) is asked for labels in the exact proportions of
+    its p(y) (`proportional_labels`, the CAS samples' protocol): the sample metrics then compare x, not the luck of
+    the label counts."""
+    labels = None
+    if model.conditional:
+        prior = model.class_log_prior().exp().detach().cpu()
+        labels = proportional_labels(prior, n, torch.Generator().manual_seed(seed)).to(model.device)
     start = time.perf_counter()
-    parts, left = [], n
-    while left > 0:
-        parts.append(model.sample(min(batch_size, left), **sample_kwargs).detach().cpu())
-        left -= len(parts[-1])
+    parts, done = [], 0
+    while done < n:
+        size = min(batch_size, n - done)
+        y = None if labels is None else labels[done:done + size]
+        parts.append(model.sample(size, y, **sample_kwargs).detach().cpu())
+        done += size
     seconds = time.perf_counter() - start
     return torch.cat(parts), n / seconds
 
@@ -128,7 +137,7 @@ def sample_sweep_metrics(model: GenerativeModel, features, test: Tensor, default
     for suffix, kwargs in model.sample_sweep().items():
         quality = default_quality
         if kwargs:
-            samples, _ = timed_samples(model, ecfg.n_samples, ecfg.batch_size, **kwargs)
+            samples, _ = timed_samples(model, ecfg.n_samples, ecfg.batch_size, ecfg.seed, **kwargs)
             quality = sample_quality(features, test, samples, ecfg)
         metrics.update({f"{k}_{suffix}": quality[k] for k in SWEEP_METRICS})
         points.append({"setting": suffix, **kwargs, **{k: quality[k] for k in SWEEP_METRICS}})
@@ -155,7 +164,7 @@ def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg,
         log_p, classifier_metrics = held_out_log_likelihoods(model, test_x, test_y, bs)
         metrics.update(likelihood_metrics(model, log_p, test_x, info, bs))
         metrics.update(classifier_metrics)
-    samples, per_second = timed_samples(model, ecfg.n_samples, bs)
+    samples, per_second = timed_samples(model, ecfg.n_samples, bs, ecfg.seed)
     metrics["samples_per_second"] = per_second
     if features is not None:
         quality = sample_quality(features, test_x, samples, ecfg)
