@@ -107,7 +107,7 @@ def roc_figure(results) -> str:
     return _png(fig)
 
 
-def sample_tradeoff_figure(results) -> str:
+def sample_tradeoff_figure(results, floor: dict) -> str:
     """FID against recall, and precision against recall: one curve per family with a sampling sweep (guidance
     scales, labelled), one point for every other family at its single setting. Empty when no
     family has a sweep."""
@@ -127,6 +127,9 @@ def sample_tradeoff_figure(results) -> str:
         elif all(isinstance(m.get(k), (int, float)) for k in ("fid", "precision", "recall")):
             point, = ax_fid.plot([m["recall"]], [m["fid"]], "s", label=family)
             ax_prec.plot([m["recall"]], [m["precision"]], "s", color=point.get_color(), label=family)
+    if all(isinstance(floor.get(k), (int, float)) for k in ("fid", "precision", "recall")):
+        ax_fid.plot([floor["recall"]], [floor["fid"]], "k*", markersize=9, label=FLOOR_ROW)
+        ax_prec.plot([floor["recall"]], [floor["precision"]], "k*", markersize=9, label=FLOOR_ROW)
     ax_fid.set_xlabel("recall")
     ax_fid.set_ylabel("FID (lower is better)")
     ax_prec.set_xlabel("recall")
@@ -191,11 +194,11 @@ def write_html(cfg, results, rows, histories, floor) -> Path:
     )
     if class_grids:
         class_grids = f'<h2>Samples by class (row c: asked for class c)</h2><div class="grids">{class_grids}</div>'
-    tradeoff = sample_tradeoff_figure(results)
+    tradeoff = sample_tradeoff_figure(results, floor)
     if tradeoff:
         tradeoff = ("<h2>Sample quality against diversity</h2><p>Each point of a curve is one sampling setting of a "
                     "family (w: a classifier-free guidance scale, which trades recall for precision); the families "
-                    "without a sweep are single points.</p>"
+                    "without a sweep are single points, the star is the real-data row.</p>"
                     f'<img src="{tradeoff}" alt="FID and precision against recall">')
     note = f" FID features: featnet classifier (test accuracy {floor['accuracy']:.3f})." if "accuracy" in floor else ""
     page = PAGE.format(dataset=html.escape(cfg.data.dataset), commit=tracking.git_commit(), table=html_table(rows),
