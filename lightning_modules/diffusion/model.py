@@ -122,8 +122,9 @@ class Diffusion(GenerativeModel):
         return -self.scale.double().log().sum()
 
     # --- the noise predictor, with guidance ----------------------------------------------------
-    def _noise_fn(self, y: Optional[Tensor], guidance: float = 0.0, net=None):
-        net = self.denoiser_ema if net is None else net
+    def _noise_fn(self, y: Optional[Tensor], guidance: float = 0.0):
+        """eps_hat(z, lambda) of the averaged network for labels y (None: unconditional) at guidance scale w."""
+        net = self.denoiser_ema
         if y is None or guidance == 0:
             return lambda z, lam: net(z, lam, y)
         if guidance == -1:  # (1 + w) eps(z, y) - w eps(z) at w = -1: the unconditional model
