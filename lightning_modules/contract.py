@@ -36,6 +36,10 @@ LOG_PROB_KINDS = typing.get_args(LogProbKind)
 # resolves `auto` (true when every class has training examples) before it builds the model, so a
 # checkpoint always holds a plain true / false.
 Conditional = Literal["auto", True, False]
+# Semi-supervised training (`data.labels_per_class`): a training batch's label is UNLABELLED where the
+# example's label is hidden. A conditional family then trains its own semi-supervised objective (labelled
+# examples by their class, the others with the class as a latent variable); `classify` is its p(y | x).
+UNLABELLED = -1
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ class GenerativeModel(pl.LightningModule):
     needs_init_data: ClassVar[bool] = False
     # Families whose `sample` takes a `temperature` keyword.
     takes_temperature: ClassVar[bool] = False
+    # What a conditional family trains when some training labels are UNLABELLED, in a few words with its
+    # reference (the report's semi-supervised table).
+    semi_supervised_method: ClassVar[str] = "the class as a latent variable of the joint model"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -158,6 +165,9 @@ class GenerativeModel(pl.LightningModule):
             # log p(y), from the training labels' counts (`set_class_prior`); uniform until then
             self.register_buffer("label_log_prior", torch.full((self.num_classes,), -math.log(self.num_classes),
                                                                dtype=torch.float64))
+            # the fraction of training examples whose label was visible (`set_class_prior`); below 1 the model
+            # trained semi-supervised, which a family whose classifier then differs reads (`semi_supervised`)
+            self.register_buffer("labelled_fraction", torch.ones((), dtype=torch.float64))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["genzoo_family"] = self.family  # lets `genzoo sample` load a bare checkpoint
@@ -210,10 +220,18 @@ class GenerativeModel(pl.LightningModule):
 
     @torch.no_grad()
     def set_class_prior(self, y: Tensor) -> None:
-        """log p(y) from the training labels (a class without examples gets probability 0)."""
+        """log p(y) from the training labels (a class without examples gets probability 0); UNLABELLED
+        entries are not counted, so with a few labels per class the prior is their (balanced) counts."""
         self._require_conditional()
-        counts = torch.bincount(y.long().cpu(), minlength=self.num_classes).double()
+        y = y.long().cpu()
+        counts = torch.bincount(y[y != UNLABELLED], minlength=self.num_classes).double()
         self.label_log_prior.copy_((counts / counts.sum()).log())
+        self.labelled_fraction.fill_(counts.sum().item() / max(len(y), 1))
+
+    @property
+    def semi_supervised(self) -> bool:
+        """Whether this conditional model was trained with hidden labels (`data.labels_per_class`)."""
+        return self.conditional and float(self.labelled_fraction) < 1.0
 
     def sample_labels(self, n: int, y=None) -> Tensor:
         """The classes to sample: `y` as a LongTensor (n,) (an int: n of it), or n draws from p(y)."""

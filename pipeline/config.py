@@ -34,6 +34,7 @@ class DataConfig:
     test_fraction: float = 0.2
     toy_samples: int = 20000  # toy2d only: examples in train+val+test
     holdout_class: Optional[int] = None  # a class left out of training, used as anomalies
+    labels_per_class: Optional[int] = None  # semi-supervised: keep this many seeded training labels per class
     batch_size: int = 128
     num_workers: int = 0
 
@@ -206,6 +207,9 @@ def validate(cfg: DictConfig) -> None:
         v = cfg.data[key]
         if not 0 < v < 0.5:
             raise GenzooError(f"data.{key} must be in (0, 0.5), got {v}")
+    per_class = cfg.data.labels_per_class
+    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
+        raise GenzooError(f"data.labels_per_class must be a positive integer or null, got {per_class!r}")
 
 
 def require_family(cfg: DictConfig) -> str:

@@ -15,11 +15,18 @@ from pipeline.errors import GenzooError
 from pipeline.paths import prepared_dir
 
 
-def datamodule_for(cfg, cls=None, batch_size=None) -> PreparedDataModule:
-    """The prepared data, served as family `cls` needs it (exact shards and fixed noise for EM)."""
+def datamodule_for(cfg, cls=None, batch_size=None, hide_unlabelled=False) -> PreparedDataModule:
+    """The prepared data, served as family `cls` needs it (exact shards and fixed noise for EM); the train stage
+    asks for the hidden labels of a semi-supervised split to be hidden (`hide_unlabelled`)."""
     exact = bool(cls is not None and cls.exact_sharding)
-    return PreparedDataModule(prepared_dir(cfg.data), batch_size=batch_size or cfg.data.batch_size, seed=cfg.trainer.seed,
-                              num_workers=cfg.data.num_workers, fixed_train_noise=exact, exact_sharding=exact)
+    dm = PreparedDataModule(prepared_dir(cfg.data), batch_size=batch_size or cfg.data.batch_size, seed=cfg.trainer.seed,
+                            num_workers=cfg.data.num_workers, fixed_train_noise=exact, exact_sharding=exact,
+                            hide_unlabelled=hide_unlabelled)
+    fetched = dm.manifest.get("labels_per_class")
+    if fetched != cfg.data.labels_per_class:
+        raise GenzooError(f"data.labels_per_class={cfg.data.labels_per_class} but {dm.folder} was fetched with "
+                          f"labels_per_class={fetched}: run `genzoo fetch` (or `dvc repro`) first")
+    return dm
 
 
 def build_trainer(cfg, max_epochs: int, default_root_dir: Path, **kwargs) -> pl.Trainer:

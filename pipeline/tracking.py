@@ -55,6 +55,8 @@ def run_tags(cfg, family: str, manifest: dict) -> dict:
         "genzoo.dataset": cfg.data.dataset,
         "genzoo.git_commit": git_commit(),
         "genzoo.data_hash": manifest["content_hash"],
+        # semi-supervised runs (`data.labels_per_class`) are told apart from the fully labelled ones in the UI
+        "genzoo.labels_per_class": str(cfg.data.labels_per_class) if cfg.data.labels_per_class is not None else "all",
     }
 
 

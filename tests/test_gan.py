@@ -1,6 +1,7 @@
 """The GAN family: losses, nets, spectral norm, TTUR/n_critic schedule, EMA of G, checkpoints, DDP, and
 that training on 8 Gaussians covers the modes; conditional: the projection discriminator's closed form,
-checkpoints, and that samples asked for a component land on it."""
+checkpoints, and that samples asked for a component land on it; semi-supervised: the (K+1)-class losses
+against their definitions, which objective `auto` picks, `classify`, and few-label training on 8 Gaussians."""
 from __future__ import annotations
 
 import copy
@@ -13,10 +14,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.contract import DataInfo
+from lightning_modules.contract import UNLABELLED, DataInfo
 from lightning_modules.common.ema import ema_decay_at, ema_update_
 from lightning_modules.gan.model import GAN
-from lightning_modules.gan.losses import gan_loss
+from lightning_modules.gan.losses import (class_feature_matching, class_responsibilities, feature_matching, gan_loss,
+                                          k_plus_one_discriminator, k_plus_one_fake, k_plus_one_real,
+                                          supervised_cross_entropy)
 from lightning_modules.common.nets import num_stages
 from lightning_modules.gan.nets import ProjectionDiscriminator, SpectralNorm, build_pair
 from lightning_modules.registry import family_class
@@ -440,3 +443,152 @@ def test_eight_gaussians_samples_land_on_the_requested_component(tmp_path):
     nearest, _ = nearest_centre(model.sample(len(asked), asked).numpy())
     share = np.array([(nearest[asked.numpy() == k] == k).mean() for k in range(8)])
     assert share.min() >= 0.95, f"share nearest the requested centre, per class: {share.round(3)}"
+
+
+# --- semi-supervised: the (K+1)-class discriminator (Salimans et al. 2016, section 5) ---------------
+def k_plus_one_by_hand(logits: np.ndarray, y: np.ndarray, fake_logits: np.ndarray) -> dict:
+    """Every term straight from the definition, in float64: D(x) = Z / (Z + 1), Z = sum_k exp l_k."""
+    z_real, z_fake = np.exp(logits).sum(1), np.exp(fake_logits).sum(1)
+    d_real, one_minus_d_fake = z_real / (z_real + 1), 1 / (z_fake + 1)  # 1 - Z / (Z + 1), without cancellation
+    labelled = y != UNLABELLED
+    p_y = np.exp(logits[labelled]) / np.exp(logits[labelled]).sum(1, keepdims=True)
+    supervised = -np.log(p_y[np.arange(labelled.sum()), y[labelled]]).mean() if labelled.any() else 0.0
+    return {"real": -np.log(d_real), "fake": -np.log(one_minus_d_fake), "supervised": supervised,
+            "total": supervised - np.log(d_real).mean() - np.log(one_minus_d_fake).mean()}
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 300.0])  # 300: Z from e^-300 to e^300, far outside float32
+def test_k_plus_one_losses_equal_the_direct_computation(scale):
+    rng = np.random.default_rng(int(scale))
+    logits, fake = rng.uniform(-scale, scale, size=(40, 10)), rng.uniform(-scale, scale, size=(30, 10))
+    logits[0], fake[0] = -scale, scale  # all logits very negative / very positive
+    y = np.where(rng.random(40) < 0.3, rng.integers(0, 10, 40), UNLABELLED)
+    want = k_plus_one_by_hand(logits, y, fake)
+    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    tol = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k_plus_one_real(t(logits)).double().numpy(), want["real"], **tol)
+    np.testing.assert_allclose(k_plus_one_fake(t(fake)).double().numpy(), want["fake"], **tol)
+    yt = torch.tensor(y)
+    assert float(supervised_cross_entropy(t(logits), yt)) == pytest.approx(want["supervised"], rel=1e-5, abs=1e-5)
+    assert float(k_plus_one_discriminator(t(logits), yt, t(fake))) == pytest.approx(want["total"], rel=1e-5, abs=1e-4)
+
+
+def test_supervised_term_without_labels_is_zero_but_keeps_the_graph():
+    logits = torch.randn(5, 3, requires_grad=True)
+    loss = supervised_cross_entropy(logits, torch.full((5,), UNLABELLED))
+    loss.backward()
+    assert float(loss) == 0.0 and logits.grad is not None and not logits.grad.any()
+
+
+def test_feature_matching_is_the_squared_distance_of_the_means():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(20, 3, 2, 2)), rng.normal(1.0, 2.0, size=(30, 3, 2, 2))
+    want = ((real.reshape(20, -1).mean(0) - fake.reshape(30, -1).mean(0)) ** 2).mean()
+    assert float(feature_matching(torch.tensor(real), torch.tensor(fake))) == pytest.approx(want, rel=1e-12)
+
+
+def test_class_feature_matching_equals_the_per_class_means():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(12, 5)), rng.normal(size=(9, 5))
+    probs = rng.dirichlet(np.ones(3), size=12)
+    y_fake = np.array([0, 0, 2, 2, 2, 0, 0, 2, 0])  # class 1 has no fake: left out
+    real_means = probs.T @ real / probs.sum(0)[:, None]
+    want = np.mean([((real_means[k] - fake[y_fake == k].mean(0)) ** 2).mean() for k in (0, 2)])
+    got = class_feature_matching(torch.tensor(real), torch.tensor(probs), torch.tensor(fake), torch.tensor(y_fake))
+    assert float(got) == pytest.approx(want, rel=1e-12)
+    logits, y = torch.randn(4, 3), torch.tensor([UNLABELLED, 2, UNLABELLED, 0])
+    p = class_responsibilities(logits, y)
+    torch.testing.assert_close(p[[0, 2]], torch.softmax(logits[[0, 2]], 1))
+    torch.testing.assert_close(p[[1, 3]], torch.tensor([[0.0, 0, 1], [1, 0, 0]]))
+
+
+def test_objective_auto_follows_the_labels():
+    model = GAN(TINY, EIGHT)
+    assert not model.can_classify()
+    model.set_class_prior(torch.tensor([0, 1, UNLABELLED, 7]))
+    assert model.can_classify() and bool(model.k_plus_one)
+    torch.testing.assert_close(model.label_log_prior.exp(), torch.tensor([1 / 3, 1 / 3, 0, 0, 0, 0, 0, 1 / 3],
+                                                                         dtype=torch.float64))
+    model.set_class_prior(torch.arange(8))  # every label: back to the projection GAN
+    assert not model.can_classify()
+    assert model.uses_k_plus_one(torch.tensor([3, UNLABELLED])) and model.can_classify()  # a batch with hidden labels
+    assert GAN({**TINY, "objective": "k_plus_one"}, EIGHT).can_classify()  # (K+1) with every label
+    projection = GAN({**TINY, "objective": "projection"}, EIGHT)
+    with pytest.raises(ValueError, match="projection"):
+        projection.set_class_prior(torch.tensor([0, UNLABELLED]))
+    with pytest.raises(ValueError, match="projection"):
+        projection.uses_k_plus_one(torch.tensor([0, UNLABELLED]))
+    with pytest.raises(ValueError, match="objective"):
+        GAN({**TINY, "objective": "k_plus_one", "conditional": False}, EIGHT)
+    with pytest.raises(ValueError, match="g_class_fm"):
+        GAN({"g_class_fm": -1.0}, EIGHT)
+
+
+def test_classify_rows_are_log_probabilities_of_the_class_logits():
+    model = GAN({**TINY, "objective": "k_plus_one"}, DIGITS)
+    with torch.no_grad():
+        for p in model.discriminator.parameters():  # away from the N(0, 0.02) init: logits of several units
+            p.copy_(3 * torch.randn_like(p))
+    x = torch.rand(30, 1, 8, 8)
+    log_p = model.classify(x)
+    assert log_p.shape == (30, 10) and bool((log_p <= 0).all())
+    torch.testing.assert_close(log_p.exp().sum(1), torch.ones(30))
+    model.discriminator.eval()
+    torch.testing.assert_close(log_p, torch.log_softmax(model.discriminator.class_logits(x), 1))
+    torch.testing.assert_close(model.forward(x), log_p.exp())  # the pyfunc serves p(y | x)
+    torch.testing.assert_close(model.anomaly_score(x), -torch.logsumexp(model.discriminator.class_logits(x), 1))
+
+
+def test_k_plus_one_losses_reach_every_parameter():
+    """Plain DDP (find_unused_parameters=False): each player's (K+1) loss gives every parameter of G and D a
+    gradient, the class layers included when the cross-entropy term of G has weight 0."""
+    model = GAN({**TINY, "objective": "k_plus_one"}, EIGHT)
+    x, y = torch.randn(16, 2), torch.tensor([0, 3] + [UNLABELLED] * 14)
+    losses = (lambda: model.k_plus_one_discriminator_loss(x, y, model.fakes(16)[0]),
+              lambda: model.k_plus_one_generator_loss(x, y))
+    for loss in losses:
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+        assert all(p.grad is not None for p in model.generator.parameters())
+        assert all(p.grad is not None for p in model.discriminator.parameters())
+
+
+def test_k_plus_one_checkpoint_keeps_the_objective(tmp_path):
+    model = GAN({**TINY, "n_critic": 2}, EIGHT)
+    x, y = torch.randn(32, 2), torch.where(torch.arange(32) < 8, torch.arange(32) % 8, UNLABELLED)
+    model.set_class_prior(y)
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, loader(x, 8, y=y), loader(x[:16], 8, y=torch.arange(16) % 8))
+    assert {"train/loss_d", "train/loss_g", "val/loss"} <= set(trainer.callback_metrics)
+    path = tmp_path / "gan.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = GAN.load_from_checkpoint(path, weights_only=True)
+    assert loaded.can_classify()
+    torch.testing.assert_close(loaded.classify(x), model.classify(x))
+    # a checkpoint written before the (K+1) objective existed has no `k_plus_one`: the projection GAN
+    old = torch.load(path, weights_only=True)
+    del old["state_dict"]["k_plus_one"]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert not GAN.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True).can_classify()
+
+
+def test_few_labels_on_eight_gaussians_classify_well_above_chance(tmp_path):
+    """Two labels per component of 8 Gaussians, every other label hidden: the (K+1) discriminator's classifier
+    names the component of fresh points far above chance (1/8), and G still samples the component asked for."""
+    torch.manual_seed(0)
+    x, c = eight_gaussians(2048, np.random.default_rng(0))
+    c = torch.as_tensor(c)
+    labelled = torch.cat([torch.nonzero(c == k)[:2, 0] for k in range(8)])
+    y = torch.full_like(c, UNLABELLED)
+    y[labelled] = c[labelled]
+    model = GAN(TOY_CFG, EIGHT)
+    model.set_class_prior(y)
+    data = loader(torch.tensor(x, dtype=torch.float32), 256, shuffle=True, y=y)
+    make_trainer(tmp_path, max_epochs=40).fit(model, data)  # 320 D steps, 160 G steps
+
+    x_test, c_test = eight_gaussians(2000, np.random.default_rng(1))
+    accuracy = (model.classify(torch.tensor(x_test, dtype=torch.float32)).argmax(1).numpy() == c_test).mean()
+    assert accuracy > 0.8, f"accuracy {accuracy:.3f} (chance 0.125)"
+    asked = torch.arange(8).repeat_interleave(100)
+    nearest, _ = nearest_centre(model.sample(len(asked), asked).numpy())
+    assert (nearest == asked.numpy()).mean() > 0.5

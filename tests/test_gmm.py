@@ -384,3 +384,86 @@ def test_conditional_checkpoint_round_trip_weights_only(tmp_path):
     xt = torch.from_numpy(x[::20])
     assert torch.equal(loaded.classify(xt), model.classify(xt))
     assert loaded.sample(5, torch.tensor(1)).shape == (5, DIM)
+
+
+# --- semi-supervised EM: UNLABELLED training labels (Miller & Uyar 1997; Nigam et al. 2000) ------------
+def test_semi_supervised_with_every_label_kept_is_the_per_class_fit(tmp_path):
+    """The semi-supervised data path with every training label kept (`use_labelled` of all examples) =
+    a GaussianMixture fit on each class's data from the same start; the class prior stays the label
+    frequencies and the semi-supervised variance floor is not used (it would change every covariance)."""
+    n_iter, reg = 4, 1e-3
+    rng = np.random.default_rng(11)
+    x, y = labelled_blobs(rng)
+    mixtures = class_mixtures(rng, "full", x, y)
+    model = conditional_gmm(mixtures, "full", reg_covar=reg, semi_reg_covar=0.5, max_epochs=n_iter, tol=0.0)
+    dm = vector_datamodule(tmp_path, x, y=y)
+    dm.use_labelled(np.arange(len(x)))
+    fit(make_trainer(tmp_path, max_epochs=n_iter, limit_val_batches=0), model, dm)
+
+    covariances = covariances_from_precision_cholesky(model.prec_chol, "full").numpy()
+    for c, (w, m, cov, _) in enumerate(mixtures):
+        gm = GaussianMixture(PER_CLASS, covariance_type="full", reg_covar=reg, max_iter=n_iter, tol=0.0,
+                             weights_init=w, means_init=m, precisions_init=precisions(cov, "full"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning: tol=0 on purpose
+            gm.fit(x[y == c])
+        block = slice(c * PER_CLASS, (c + 1) * PER_CLASS)
+        np.testing.assert_allclose(model.means[block].numpy(), gm.means_, rtol=1e-6)
+        np.testing.assert_allclose(covariances[block], gm.covariances_, rtol=1e-6)
+    np.testing.assert_allclose(model.class_log_prior().exp().numpy(), np.bincount(y) / len(y), rtol=1e-12)
+
+
+def test_semi_supervised_with_no_label_is_the_unsupervised_mixture(tmp_path):
+    """Every training label UNLABELLED: the K classes' mixtures of M Gaussians are one mixture of K * M
+    with weights p(c) p(m | c), and semi-supervised EM (through the Trainer, with its class prior
+    re-estimated) is scikit-learn's EM on it from the same start; p(y | x) sums its responsibilities."""
+    n_iter, reg = 5, 1e-3
+    rng = np.random.default_rng(12)
+    x, _ = labelled_blobs(rng)
+    mixtures = class_mixtures(rng, "full", x, np.repeat(np.arange(CLASSES), [120, 150, 180]))
+    prior = np.array([0.2, 0.3, 0.5])
+    # the semi-supervised floor is the one in force (reg_covar would be far off)
+    model = conditional_gmm(mixtures, "full", reg_covar=0.5, semi_reg_covar=reg, max_epochs=n_iter, tol=0.0)
+    model.label_log_prior.copy_(torch.from_numpy(np.log(prior)))
+    dm = vector_datamodule(tmp_path, x, y=np.arange(len(x)) % CLASSES)  # labels of 3 classes, all hidden below
+    dm.use_labelled(np.array([], dtype=np.int64))
+    assert (dm.labels("train") == -1).all()
+    model.provide_init_data(*dm.split("train"))
+    trainer = make_trainer(tmp_path, max_epochs=n_iter, limit_val_batches=0)
+    trainer.fit(model, dm)
+
+    weights = np.concatenate([p * m[0] for p, m in zip(prior, mixtures)])
+    means = np.concatenate([m[1] for m in mixtures])
+    gm = GaussianMixture(CLASSES * PER_CLASS, covariance_type="full", reg_covar=reg, max_iter=n_iter, tol=0.0,
+                         weights_init=weights, means_init=means,
+                         precisions_init=np.concatenate([precisions(m[2], "full") for m in mixtures]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: tol=0 on purpose
+        gm.fit(x)
+    joint_weights = np.repeat(model.class_log_prior().exp().numpy(), PER_CLASS) * model.weights.numpy()
+    np.testing.assert_allclose(joint_weights, gm.weights_, rtol=1e-6)
+    np.testing.assert_allclose(model.means.numpy(), gm.means_, rtol=1e-6)
+    np.testing.assert_allclose(covariances_from_precision_cholesky(model.prec_chol, "full").numpy(), gm.covariances_,
+                               rtol=1e-6)
+    # the last epoch's log-likelihood is that of sklearn's last E-step
+    assert trainer.callback_metrics["train/loglik"].item() == pytest.approx(gm.lower_bound_, rel=1e-6)
+    x_test = torch.from_numpy(3 * rng.standard_normal((30, DIM)) + 4.0)
+    class_posterior = gm.predict_proba(x_test.numpy()).reshape(30, CLASSES, PER_CLASS).sum(2)
+    np.testing.assert_allclose(model.classify(x_test).exp().numpy(), class_posterior, atol=1e-8)
+
+
+def test_semi_supervised_statistics_summed_over_shards_give_the_full_batch_em_step():
+    """Labelled and UNLABELLED examples mixed: disjoint shards' statistics (what DDP sums), then one
+    M-step == one EM step on all, class prior included."""
+    rng = np.random.default_rng(13)
+    x, y = (torch.from_numpy(a) for a in labelled_blobs(rng))
+    y = torch.where(torch.from_numpy(rng.random(len(y)) < 0.8), -1, y)
+    mixtures = class_mixtures(rng, "full", x.numpy(), y.clamp_min(0).numpy())
+    whole, sharded = conditional_gmm(mixtures, "full"), conditional_gmm(mixtures, "full")
+    whole.m_step(whole.e_step(x, y))
+    shards = [sharded.e_step(x[r::2], y[r::2]) for r in range(2)]
+    sharded.m_step({k: shards[0][k] + shards[1][k] for k in shards[0]})
+    for name in ("weights", "means", "prec_chol", "label_log_prior"):
+        np.testing.assert_allclose(getattr(sharded, name).numpy(), getattr(whole, name).numpy(), rtol=1e-10,
+                                   err_msg=name)
+    assert not torch.allclose(whole.label_log_prior, torch.full((CLASSES,), -np.log(CLASSES), dtype=torch.float64))

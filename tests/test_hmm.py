@@ -266,13 +266,16 @@ def fit_lightning(folder, root, n_states: int = 4, **trainer_kwargs) -> HMM:
     return model, trainer
 
 
-@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("conditional", [False, True, "semi"])
 def test_statistics_summed_over_shards_give_the_full_batch_em_step(conditional):
     """What DDP does in `EMModel.on_train_epoch_end`, without processes: E-steps on disjoint shards
     (rank r takes examples r, r+2, ...), statistics summed, one M-step == one EM step on everything
-    (conditional: the per-class statistics of sequences of both classes)."""
+    (conditional: the per-class statistics of sequences of both classes; semi: most labels UNLABELLED,
+    the class prior re-estimated too)."""
     if conditional:
         refs, x, y = class_data("full")
+        if conditional == "semi":
+            y = torch.where(torch.arange(len(y)) % 3 == 0, y, -1)
         args = (x, y)
     else:
         refs = random_reference("full", seed=7)
@@ -337,11 +340,14 @@ def sequence_scores(refs, kind: str, x: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("kind", KINDS)
 def test_conditional_baum_welch_equals_hmmlearn_per_class_and_classifies_by_bayes(kind):
     """One Baum-Welch run on both classes' sequences = an hmmlearn fit on each class's sequences from the
-    same start; classify, log p(x | y) and log p(x) = Bayes' rule and the mixture over those fits."""
+    same start; classify, log p(x | y) and log p(x) = Bayes' rule and the mixture over those fits. Every
+    label is known, so semi-supervised EM is this per-class fit: its variance floor (set far off here) and
+    its re-estimated class prior stay out."""
     refs, x, y = class_data(kind)
-    model = ours_from(refs, kind)
+    model = ours_from(refs, kind, semi_reg_covar=0.5)
     model.set_class_prior(y)
     ours = np.array(fit_em(model, x, max_iter=10, y=y)) * len(y)  # mean per sequence -> total
+    np.testing.assert_allclose(model.class_log_prior().exp().numpy(), np.bincount(y.numpy()) / len(y), rtol=1e-12)
     for c, (ref, lengths) in enumerate(zip(refs, CLASS_LENGTHS)):
         ref.fit(data_for(ref, kind, lengths, seed=c)[0], lengths)
     np.testing.assert_allclose(ours, np.sum([r.monitor_.history for r in refs], 0), rtol=1e-6)
@@ -455,3 +461,82 @@ def test_synthetic_sources_reference_loglik_matches_hmmlearn():
     ref.means_, ref.covars_ = params["means"], params["covars"]
     expected = [ref.score(seq) for seq in x]
     np.testing.assert_allclose(true_loglik(params, x), expected, rtol=1e-10)
+
+
+# --- semi-supervised Baum-Welch: UNLABELLED training labels (Miller & Uyar 1997; Nigam et al. 2000) -----
+def joint_reference(refs, prior: np.ndarray, kind: str):
+    """The hmmlearn HMM of the classes' HMMs side by side: 2 N states, start p(c) p(z_1 | c), transitions
+    block-diagonal (Baum-Welch keeps the zeros), the classes' emissions."""
+    n = 2 * N_STATES
+    if kind == "categorical":
+        joint = hmmlearn.CategoricalHMM(n, n_features=VOCAB, init_params="", n_iter=10, tol=-np.inf,
+                                        emissionprob_prior=1.5)
+        joint.emissionprob_ = np.concatenate([r.emissionprob_ for r in refs])
+    else:
+        joint = hmmlearn.GaussianHMM(n, covariance_type=kind, init_params="", n_iter=10, tol=-np.inf, covars_prior=0.0)
+        joint.n_features = DIM
+        joint.means_ = np.concatenate([r.means_ for r in refs])
+        covars = np.concatenate([r.covars_ for r in refs])
+        joint.covars_ = covars if kind == "full" else np.diagonal(covars, axis1=1, axis2=2).copy()
+    joint.startprob_ = np.concatenate([p * r.startprob_ for p, r in zip(prior, refs)])
+    joint.transmat_ = block_diag(*[r.transmat_ for r in refs])
+    return joint
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_semi_supervised_with_no_label_is_baum_welch_on_the_joint_hmm(kind):
+    """Every label UNLABELLED: semi-supervised EM of the class HMMs (class prior re-estimated) is
+    hmmlearn's Baum-Welch on the one HMM of all classes' states from the same start, step by step."""
+    refs, x, y = class_data(kind)
+    prior = np.array([0.3, 0.7])
+    model = ours_from(refs, kind, semi_reg_covar=None)  # the floor of the reference: reg_covar = 0
+    model.label_log_prior.copy_(torch.from_numpy(np.log(prior)))
+    ours = np.array(fit_em(model, x, max_iter=10, y=torch.full_like(y, -1))) * len(y)
+
+    lengths = sum(CLASS_LENGTHS, [])
+    frames = [row[row >= 0].numpy()[:, None] if kind == "categorical" else row[~torch.isnan(row).any(-1)].numpy()
+              for row in x]
+    joint = joint_reference(refs, prior, kind).fit(np.concatenate(frames), lengths)
+    np.testing.assert_allclose(ours, joint.monitor_.history, rtol=1e-8)
+    start = np.repeat(model.class_log_prior().exp().numpy(), N_STATES) * model.startprob.numpy()
+    np.testing.assert_allclose(start, joint.startprob_, atol=1e-10)
+    np.testing.assert_allclose(model.transmat.numpy(), joint.transmat_, atol=1e-10)
+    if kind == "categorical":
+        np.testing.assert_allclose(model.emission.probs.numpy(), joint.emissionprob_, atol=1e-10)
+    else:
+        np.testing.assert_allclose(model.emission.means.numpy(), joint.means_, rtol=1e-8)
+        covars = covariances_from_precision_cholesky(model.emission.prec_chol, kind).numpy()
+        expected = joint.covars_ if kind == "full" else np.diagonal(joint.covars_, axis1=1, axis2=2)
+        np.testing.assert_allclose(covars, expected, rtol=1e-8)
+    # p(y | x): the joint HMM's posterior mass on each class's states at any step (here the first)
+    gamma = joint.predict_proba(np.concatenate(frames), lengths)
+    first = np.cumsum([0] + lengths[:-1])
+    np.testing.assert_allclose(model.classify(x).exp().numpy(), gamma[first].reshape(-1, 2, N_STATES).sum(2),
+                               atol=1e-8)
+
+
+def test_transition_counts_stay_exact_where_alpha_and_beta_peak_on_unjoined_states():
+    """A left-to-right chain 0 -> 1 -> 2 and a sequence whose first frame fits only state 0 and whose
+    second fits state 2 best (unreachable in one step) but state 1 only at -1500 nats: the max-shifted
+    factors of xi would overflow (exp(1500)); the counts still equal the sum over all state paths of
+    p(path | x) times its transitions (brute-force enumeration)."""
+    from lightning_modules.hmm import forward_backward as fb
+
+    trans = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    start = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    log_emit = torch.tensor([[[0.0, -2000.0, -2000.0], [-2000.0, -1500.0, 0.0], [-3.0, -1.0, -2.0]]],
+                            dtype=torch.float64)
+    mask = torch.tensor([[True, True, True]])
+    post = fb.forward_backward(start, trans, log_emit, mask)
+    paths = list(itertools.product(range(3), repeat=3))
+    with np.errstate(divide="ignore"):
+        scores = np.array([np.log(start[p[0]]) + sum(np.log(trans[a, b]) for a, b in zip(p, p[1:]))
+                           + sum(log_emit[0, t, s].item() for t, s in enumerate(p)) for p in paths])
+    weights = np.exp(scores - logsumexp(scores))
+    expected = np.zeros((3, 3))
+    for w, p in zip(weights, paths):
+        for a, b in zip(p, p[1:]):
+            expected[a, b] += w
+    assert np.isfinite(post.trans_counts.numpy()).all()
+    np.testing.assert_allclose(post.trans_counts.numpy(), expected, atol=1e-12)
+    np.testing.assert_allclose(post.loglik.item(), logsumexp(scores), rtol=1e-12)

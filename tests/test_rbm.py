@@ -3,7 +3,9 @@ log Z, the data-space densities' normalisation, the Gibbs sampler against the ex
 digits against an independent-pixel baseline, and the checkpoint round trip. Categorical (softmax) visibles on a
 tiny model against the same brute-force enumerations over every one-hot configuration. The classification RBM
 (label units) against brute-force enumeration over (v, h, y), its clamped sampler against the exact p(v | y), and
-conditional sampling on 8 Gaussians."""
+conditional sampling on 8 Gaussians. Semi-supervised training (hidden labels UNLABELLED): the unlabelled positive
+phase and the whole objective's expected gradient against enumeration over (y, h, v', y'), and few labels on noisy
+prototypes against the labelled-only fit."""
 import itertools
 import math
 
@@ -540,3 +542,149 @@ def test_eight_gaussians_class_samples_fall_nearest_their_centre(tmp_path):
     centre c, for every c (issue 10's conditional-sampling check)."""
     model = eight_gaussians_fit(tmp_path, n=8000, epochs=100)
     assert float(nearest_centre_rate(model).min()) >= 0.95
+
+
+# --- semi-supervised training (hidden labels UNLABELLED) ----------------------------------------------------
+def brute_free_energies(m, v):
+    """F(v, y) = -log sum_h exp(-E(v, h, y)) for every class, (V, K), by enumeration over h."""
+    return -torch.logsumexp(labelled_neg_energy(v, all_binary(m.config.n_hidden), m, "bernoulli"), 1)
+
+
+def brute_cd1_gradient(m, x_bits, y=None):
+    """The expected CD-1 gradient of one example by enumeration (Hinton 2002; Larochelle & Bengio 2008 sec. 4 for
+    an unlabelled example): sum_y q(y) [dF(x, y) - sum_{h, v', y'} p(h | x, y) p(v' | h) p(y' | h) dF(v', y')],
+    with q the point mass on a known label, else the posterior p(y | x) (the label as a latent variable)."""
+    hs, vs = all_binary(m.config.n_hidden), all_binary(len(x_bits))
+    free = brute_free_energies(m, x_bits[None])[0]  # (K,)
+    with torch.no_grad():
+        q = torch.softmax(-free, 0) if y is None else torch.nn.functional.one_hot(torch.tensor(y), len(free)).double()
+        neg_e = labelled_neg_energy(x_bits[None], hs, m, "bernoulli")[0]  # (2^H, K)
+        p_h = torch.softmax(neg_e, 0)  # p(h | x, y), one column per y
+        e = m.energy()
+        p_v = torch.softmax(-joint_energy(vs[None], hs[:, None, :], e, "bernoulli"), 1)  # p(v' | h), (2^H, V)
+        p_y = torch.softmax(m.d + hs @ m.U.T, 1)  # p(y' | h), (2^H, K)
+        weight = torch.einsum("y,hy,hv,hk->vk", q, p_h, p_v, p_y)  # the chain's end (v', y')
+    surrogate = (q * free).sum() - (weight * brute_free_energies(m, vs)).sum()
+    return torch.autograd.grad(surrogate, [m.W, m.b, m.c, m.U, m.d])
+
+
+def test_unlabelled_positive_phase_is_the_posterior_weighted_labelled_one():
+    """An unlabelled example's positive free energy is F(x) = -log sum_{h, y} e^{-E}, and its gradient (the positive
+    statistics) equals sum_y p(y | x) times the labelled example's gradient for y, p(y | x) by enumeration."""
+    m = random_rbm(4, 3, "bernoulli", classes=3)
+    v = all_binary(4)[[3, 10]]
+    params = [m.W, m.b, m.c, m.U, m.d]
+    with torch.no_grad():
+        brute = brute_free_energies(m, v)
+        posterior = torch.softmax(-brute, 1)
+    free = m.labels().free_energies(m.energy(), v)
+    unlabelled = torch.full((2,), -1)
+    positive = m.positive_free_energy(free, unlabelled, unlabelled != -1)
+    torch.testing.assert_close(positive, -torch.logsumexp(-brute, 1), atol=1e-9, rtol=0)
+    for i in range(2):
+        ours = torch.autograd.grad(positive[i], params, retain_graph=True)
+        expected = [sum(posterior[i, c] * g for c, g in enumerate(grads)) for grads in zip(*[
+            torch.autograd.grad(brute_free_energies(m, v[i:i + 1])[0, c], params) for c in range(3)])]
+        for a, b in zip(ours, expected):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+def test_hidden_labels_are_drawn_from_the_posterior():
+    """The unlabelled rows' chains start from y ~ p(y | x): empirical frequencies against enumeration; the known
+    labels pass through unchanged."""
+    m = random_rbm(4, 3, "bernoulli", classes=3)
+    v = all_binary(4)[[5]].expand(30000, -1)
+    y = torch.full((30000,), -1)
+    y[:10] = 2
+    with torch.no_grad():
+        free = m.labels().free_energies(m.energy(), v)
+        torch.manual_seed(0)
+        drawn = m.complete_labels(free, y, y != -1)
+        posterior = torch.softmax(-brute_free_energies(m, v[:1]), 1)[0]
+    assert bool((drawn[:10] == 2).all()) and bool(((drawn >= 0) & (drawn < 3)).all())
+    torch.testing.assert_close(torch.bincount(drawn[10:], minlength=3).double() / (30000 - 10), posterior,
+                               atol=0.01, rtol=0)
+
+
+def test_semi_supervised_cd_gradient_matches_enumeration():
+    """The whole semi-supervised objective's gradient, averaged over a large batch of copies of a labelled and an
+    unlabelled example, equals its expectation by enumeration over (y, h, v', y'): the labelled rows' CD-1 term,
+    `unlabelled_weight` times the unlabelled rows' CD-1 term with y a latent, and `discriminative_weight` times
+    -log p(y | x) over the labelled rows alone."""
+    m = random_rbm(3, 3, "bernoulli", classes=2, weight_scale=0.7)
+    m.config.unlabelled_weight, m.config.discriminative_weight = 0.5, 2.0
+    bits = all_binary(3)[[2, 5]]
+    n = 20000
+    x = (bits * 0.5 + 0.25).repeat_interleave(n, 0)  # n copies of each, in data space
+    y = torch.tensor([1, -1]).repeat_interleave(n)
+    params = [m.W, m.b, m.c, m.U, m.d]
+    torch.manual_seed(0)
+    ours = torch.autograd.grad(m.cd_step(x, y)[0], params)
+    labelled, unlabelled = brute_cd1_gradient(m, bits[0], 1), brute_cd1_gradient(m, bits[1])
+    discriminative = torch.autograd.grad(-torch.log_softmax(-brute_free_energies(m, bits[:1]), 1)[0, 1], params)
+    for a, g_l, g_u, g_d in zip(ours, labelled, unlabelled, discriminative):
+        # the labelled term's 1 and the unlabelled term's 0.5 over the two halves of the batch
+        expected = (g_l + 0.5 * g_u) / 2 + 2.0 * g_d
+        # Monte Carlo error <= 0.0023 over 3 seeds; clamping the hidden label to either class instead is off by 0.02
+        torch.testing.assert_close(a, expected, atol=0.006, rtol=0)
+
+
+def test_fully_labelled_batches_keep_the_supervised_objective():
+    """With no hidden label the objective is the supervised hybrid one, bit for bit (and draws the same noise)."""
+    m = random_rbm(4, 3, "bernoulli", classes=3)
+    x = torch.rand(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(3, (64,), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    ours = m.cd_step(x, y)[0]
+    torch.manual_seed(0)
+    v, energy, labels = m.to_model(x), m.energy(), m.labels()
+    negative, negative_y = m.joint_negative_phase(energy, v, y)
+    discriminative = torch.nn.functional.cross_entropy(-labels.free_energies(energy, v), y)
+    expected = (labels.free_energy(energy, v, y).mean() - labels.free_energy(energy, negative, negative_y).mean()
+                + m.config.discriminative_weight * discriminative)
+    assert float(ours) == float(expected)
+
+
+def test_discriminative_term_is_the_labelled_mean_with_a_capped_boost():
+    """-log p(y | x) is averaged over a batch's labelled rows; with fewer than B / max_label_boost of them, the sum
+    is divided by B / max_label_boost instead (each labelled row then weighs max_label_boost times a full batch's)."""
+    m = random_rbm(4, 3, "bernoulli", classes=3)
+    free = m.labels().free_energies(m.energy(), torch.rand(64, 4, dtype=torch.float64))
+    y = torch.full((64,), -1)
+    nll = lambda rows: -torch.log_softmax(-free[rows], 1)[torch.arange(len(rows)), y[rows]]  # noqa: E731
+    y[:10] = torch.arange(10) % 3
+    torch.testing.assert_close(m.labelled_cross_entropy(free, y, y != -1), nll(torch.arange(10)).mean())
+    y[2:] = -1  # 2 labelled rows < 64 / 16
+    torch.testing.assert_close(m.labelled_cross_entropy(free, y, y != -1), nll(torch.arange(2)).sum() / 4)
+
+
+def separated_prototypes(n, seed, k=4, d=20, flip=0.25):
+    """k random binary prototypes (the same for every seed), each bit flipped with probability `flip`; points in
+    the middle of their half-cubes, classes in turn."""
+    prototypes = (torch.rand(k, d, generator=torch.Generator().manual_seed(0)) < 0.5).double()
+    y = torch.arange(n) % k
+    flips = (torch.rand(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < flip).double()
+    return ((prototypes[y] + flips) % 2) * 0.5 + 0.25, y
+
+
+def test_semi_supervised_training_beats_the_labelled_only_fit(tmp_path):
+    """Four noisy binary prototypes, 2 labels per class among 800 examples: the semi-supervised classification RBM
+    (the other 792 labels hidden) classifies held-out data far better than the same RBM fitted to the 8 labelled
+    examples alone (0.89 against 0.53 when written; 0.86 to 0.89 against 0.53 to 0.70 over three data seeds), which
+    never sees the clusters."""
+    x, y = separated_prototypes(800, seed=1)
+    x_test, y_test = separated_prototypes(400, seed=2)
+    keep = torch.cat([torch.nonzero(y == c)[:2, 0] for c in range(4)])
+    visible = torch.full_like(y, -1)
+    visible[keep] = y[keep]
+    info, cfg = dict(shape=[20], kind="vector", num_classes=4), dict(visible="bernoulli", n_hidden=16)
+    semi, labelled_only = RBM(cfg, info), RBM(cfg, info)
+    semi.set_class_prior(visible)
+    fit(semi, x.float(), tmp_path, 30, y=visible)
+    labelled_only.set_class_prior(y[keep])
+    fit(labelled_only, x[keep].float(), tmp_path, 30 * 7, y=y[keep])  # 210 steps, as many as the semi fit's
+    accuracy = lambda m: float((m.classify(x_test.float()).argmax(1) == y_test).float().mean())  # noqa: E731
+    with torch.no_grad():
+        semi_acc, labelled_acc = accuracy(semi), accuracy(labelled_only)
+    assert semi_acc > 0.8 and semi_acc > labelled_acc + 0.1  # chance: 0.25
+    assert torch.isfinite(semi.class_log_z).all() and semi.class_log_prior().exp().sum() == pytest.approx(1.0)

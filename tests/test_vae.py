@@ -2,7 +2,10 @@
 Gaussian VAE the IWAE estimate converging to probabilistic PCA's closed-form log-likelihood computed by
 scipy; shapes through the contract; a weights_only checkpoint round trip. The conditional VAE the same
 way: its linear-Gaussian form is one PPCA per class with a class offset, so log p(x | y), the marginal
-log p(x) and p(y | x) have scipy closed forms; its samples obey the label on 8gaussians."""
+log p(x) and p(y | x) have scipy closed forms; its samples obey the label on 8gaussians. Semi-supervised
+(M2, Kingma et al. 2014): the unlabelled bound against scipy's log p(x) - KL(q(y | x) || p(y | x)) and
+against the labelled bound summed class by class; hidden labels add the classifier without touching the
+generative model; one label per class on 8gaussians classifies far above chance."""
 from __future__ import annotations
 
 import math
@@ -15,6 +18,7 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
+from lightning_modules.contract import UNLABELLED, ConfigError
 from lightning_modules.vae import VAE
 from pipeline.checkpoints import load_model
 from pipeline.errors import GenzooError
@@ -71,13 +75,13 @@ def test_iwae_is_at_least_the_elbo_and_k1_equals_it_in_expectation(conditional):
 
 
 # --- linear-Gaussian VAE = probabilistic PCA ---------------------------------------------------------
-def ppca_vae(d=6, latent=2, seed=0, classes=0):
+def ppca_vae(d=6, latent=2, seed=0, classes=0, **cfg):
     """A linear-Gaussian VAE; with `classes` a conditional one, x = W z + V onehot(y) + b + noise: one PPCA
     per class, with means b + V[:, c] (overlapping classes) and a non-uniform class prior."""
     torch.manual_seed(seed)
     info = {"shape": [d], "kind": "vector", **({"num_classes": classes} if classes else {})}
     model = vae(info, arch="linear", likelihood="gaussian", obs_scale="shared", latent_dim=latent,
-                conditional=bool(classes)).double().eval()
+                conditional=bool(classes), **cfg).double().eval()
     lin_dec = model.decoder[0]
     with torch.no_grad():
         lin_dec.weight.copy_(torch.randn(d, latent + classes, dtype=torch.float64))
@@ -154,17 +158,23 @@ def test_linear_gaussian_iwae_converges_to_the_ppca_likelihood(classes):
     assert abs(gap[1000]) < 0.05, gap
 
 
+def exact_posterior_vae(classes, **cfg):
+    """A linear-Gaussian VAE with orthogonal decoder columns, whose diagonal encoder is the exact posterior."""
+    model = ppca_vae(d=5, latent=2, classes=classes, **cfg)
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(5, 2)))
+    with torch.no_grad():
+        model.decoder[0].weight[:, :2] = torch.from_numpy(q * np.array([2.0, 1.0]))
+    set_encoder_near_posterior(model, mean_shift=0.0, log_var_shift=0.0)
+    return model
+
+
 @pytest.mark.parametrize("classes", [0, 3])
 @torch.no_grad()
 def test_linear_gaussian_with_the_exact_posterior_is_tight(classes):
     """With orthogonal decoder columns the true posterior is diagonal; the encoder can be exact and then
     log p(x,z) - log q(z|x) = log p(x) for every z, so even k=1 gives the exact likelihood. Conditional:
     log p(x | y) for every class, the marginal log p(x) and the Bayes classifier p(y | x) are scipy's."""
-    model = ppca_vae(d=5, latent=2, classes=classes)
-    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(5, 2)))
-    with torch.no_grad():
-        model.decoder[0].weight[:, :2] = torch.from_numpy(q * np.array([2.0, 1.0]))
-    set_encoder_near_posterior(model, mean_shift=0.0, log_var_shift=0.0)
+    model = exact_posterior_vae(classes)
     x, y = sample_ppca(model, 50, np.random.default_rng(2))
     per_class, marginal = ppca_truth(model, x)
     xt, yt = torch.from_numpy(x), (torch.from_numpy(y) if classes else None)
@@ -328,6 +338,136 @@ def test_conditional_samples_obey_the_label(tmp_path):
     nearest = torch.cdist(s, centres).argmin(1)
     per_class = torch.stack([(nearest[labels == c] == c).float().mean() for c in range(8)])
     assert per_class.min() >= 0.95, per_class  # measured 0.96
+
+
+# --- semi-supervised: M2 (Kingma et al. 2014) --------------------------------------------------------
+def semi_ppca():
+    """The exact-posterior conditional PPCA VAE (3 classes) with M2's linear classifier q(y | x) at random
+    weights: every E[L(x, c)] is log p(x | c) + log p(c) exactly, which scipy computes."""
+    model = exact_posterior_vae(3, semi_supervised=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def linear_log_q(model, x):
+    """log q(y | x) from the linear classifier's weights, by numpy."""
+    lin = model.classifier[1]
+    logits = x @ lin.weight.detach().numpy().T + lin.bias.detach().numpy()
+    return logits - logsumexp(logits, 1, keepdims=True)
+
+
+@pytest.mark.parametrize("m", [None, 2])
+@torch.no_grad()
+def test_unlabelled_bound_is_the_sum_over_classes_and_bounds_log_px(m):
+    """U(x) = sum_y q(y | x) L(x, y) + H(q) (eq. 7) against scipy: with exact per-class bounds its mean is
+    sum_y q (log p(x | y) + log p(y) - log q) = log p(x) - KL(q || p(y | x)) <= log p(x), and against the
+    labelled bound summed class by class. m=2: q renormalised over its 2 most likely classes, still a
+    bound. With q the true posterior (linear for PPCA classes sharing a covariance) it is tight."""
+    model = semi_ppca()
+    x, _ = sample_ppca(model, 30, np.random.default_rng(3))
+    per_class, marginal = ppca_truth(model, x)
+    log_joint = per_class + model.class_log_prior().numpy()
+    log_q = linear_log_q(model, x)
+    if m is not None:  # keep the m most likely classes, renormalised
+        drop = np.argsort(-log_q, 1)[:, m:]
+        np.put_along_axis(log_q, drop, -np.inf, 1)
+        log_q -= logsumexp(log_q, 1, keepdims=True)
+    q, log_q = np.exp(log_q), np.where(np.isfinite(log_q), log_q, 0.0)  # 0 log 0 = 0
+    truth = (q * (log_joint - log_q)).sum(1)
+    kl = (q * (log_q - (log_joint - marginal[:, None]))).sum(1)
+    np.testing.assert_allclose(truth, marginal - kl, atol=1e-9)
+    assert (kl > 0.01).mean() > 0.5  # random weights: a visibly loose bound
+
+    reps, xt = 300, torch.from_numpy(x)
+    torch.manual_seed(0)
+    u = model.unlabelled_bound(xt.repeat(reps, 1), m).view(reps, -1)
+    se = u.std(0) / math.sqrt(reps)
+    assert (abs(u.mean(0).numpy() - truth) < 5 * se.numpy() + 1e-9).all()
+    assert (u.mean(0).numpy() <= marginal + 5 * se.numpy()).all()
+    # brute force: the labelled ELBO of every class, weighted by q, plus the entropy
+    brute = np.zeros(len(x))
+    for c in range(3):
+        elbo = model.elbo(xt.repeat(reps, 1), torch.full((reps * len(x),), c)).view(reps, -1).mean(0).numpy()
+        brute += q[:, c] * (elbo + log_joint[:, c] - per_class[:, c] - log_q[:, c])
+    assert (abs(u.mean(0).numpy() - brute) < 5 * se.numpy() * math.sqrt(2) + 1e-9).all()
+
+    if m is None:  # q = p(y | x): logits log p(c) + mu_c' C^-1 x - mu_c' C^-1 mu_c / 2
+        W, means, sigma = decoder_params(model)
+        prec = np.linalg.inv(W @ W.T + sigma**2 * np.eye(len(W)))
+        lin = model.classifier[1]
+        lin.weight.copy_(torch.from_numpy(means @ prec))
+        lin.bias.copy_(torch.from_numpy(model.class_log_prior().numpy() - 0.5 * np.einsum("cd,de,ce->c", means, prec, means)))
+        torch.manual_seed(1)
+        u = model.unlabelled_bound(xt.repeat(reps, 1)).view(reps, -1)
+        assert (abs(u.mean(0).numpy() - marginal) < 5 * u.std(0).numpy() / math.sqrt(reps) + 1e-9).all()
+
+
+def test_hidden_labels_add_the_classifier_and_leave_the_generative_model_alone():
+    """Fully labelled: no classifier, `semi_supervised` stays auto. Hidden labels: the classifier appears
+    (after every other module, from its own generator: the generative weights and the global random
+    stream are those of the fully labelled model) and the saved config says semi_supervised=true."""
+    y = digits_labels(40)
+    hidden = y.clone()
+    hidden[10:] = UNLABELLED
+    torch.manual_seed(0)
+    full = vae(DIGITS, latent_dim=3)
+    full.set_class_prior(y)
+    full.provide_init_data(digits_batch(40), y)
+    after_full = torch.rand(3)
+    torch.manual_seed(0)
+    semi = vae(DIGITS, latent_dim=3)
+    semi.set_class_prior(hidden)
+    assert torch.equal(torch.rand(3), after_full)
+    assert full.classifier is None and full.config.semi_supervised == "auto"
+    assert semi.classifier is not None and semi.hparams["cfg"]["semi_supervised"] is True
+    weights = dict(semi.named_parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in full.named_parameters())
+    assert sorted(set(weights) - set(dict(full.named_parameters()))) == sorted(
+        f"classifier.{k}" for k in semi.classifier.state_dict())
+    with pytest.raises(ConfigError, match="semi_supervised"):
+        vae(DIGITS, latent_dim=3, semi_supervised=False).set_class_prior(hidden)
+    with pytest.raises(ConfigError, match="semi_supervised"):
+        vae(DIGITS, latent_dim=3, conditional=False, semi_supervised=True)
+    with pytest.raises(ValueError, match="UNLABELLED"):
+        full.training_step((digits_batch(40), hidden), 0)
+
+
+def test_semi_supervised_training_with_one_label_per_class(tmp_path):
+    """8gaussians with one visible label per class (8 of 1000): the M2 model classifies held-out points
+    far above chance (1/8), and a weights-only checkpoint rebuilds it with its classifier."""
+    from pipeline.data.toy2d import eight_gaussians
+
+    x, y = eight_gaussians(1300, np.random.default_rng(0))
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    (x, x_test), (y, y_test) = x.split([1000, 300]), y.split([1000, 300])
+    hidden = torch.full_like(y, UNLABELLED)
+    first = [int((y == c).nonzero()[0]) for c in range(8)]
+    hidden[first] = y[first]
+    pl.seed_everything(0, verbose=False)
+    model = vae({"shape": [2], "kind": "vector", "num_classes": 8}, latent_dim=2, hidden=64, lr=1e-2, iwae_k=16)
+    model.set_class_prior(hidden)
+    model.provide_init_data(x, hidden)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, hidden), batch_size=100, shuffle=True)
+    trainer = pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(model, loader)
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        acc = (model.classify(x_test).argmax(1) == y_test).float().mean()
+        acc_q = (model.classifier_log_probs(x_test).argmax(1) == y_test).float().mean()
+    assert acc > 0.9 and acc_q > 0.9, (acc, acc_q)
+    path = tmp_path / "semi.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = load_model(path)
+    assert loaded.classifier is not None and loaded.config == model.config
+    torch.manual_seed(1)
+    a = loaded.classify(x_test[:20])
+    torch.manual_seed(1)
+    assert torch.equal(a, model.classify(x_test[:20]))
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------

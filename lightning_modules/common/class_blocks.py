@@ -5,6 +5,7 @@ For a labelled example the E-step keeps only its class's block (Bayes' rule with
 EM step over all examples is exactly K per-class EM steps, and the per-class sufficient statistics sum
 across batches and ranks like the unconditional ones. Mixing weights and start probabilities are
 normalised within each block; an HMM's transition matrix is block-diagonal.
+Semi-supervised EM (UNLABELLED examples, the class latent) is in `common.semi_supervised`.
 """
 from __future__ import annotations
 
@@ -14,12 +15,6 @@ import torch
 from torch import Tensor
 
 from lightning_modules.common.kmeans import kmeans_responsibilities
-
-
-def block_mask(y: Tensor, num_classes: int, block_size: int) -> Tensor:
-    """(B, K*S) bool: True on the block of each example's class."""
-    blocks = torch.arange(num_classes * block_size, device=y.device) // block_size
-    return blocks == y[:, None].to(blocks.device)
 
 
 def block_logsumexp(a: Tensor, num_classes: int) -> Tensor:
@@ -34,8 +29,8 @@ def normalize_blocks(p: Tensor, num_classes: int) -> Tensor:
 
 
 def repeat_per_block(v: Tensor, block_size: int) -> Tensor:
-    """(K,) per-class values -> (K*S,) the value of its class for every component."""
-    return v.repeat_interleave(block_size)
+    """(..., K) per-class values -> (..., K*S) the value of its class for every component."""
+    return v.repeat_interleave(block_size, -1)
 
 
 def sample_in_blocks(probs: Tensor, y: Tensor, num_classes: int) -> Tensor:

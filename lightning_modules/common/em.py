@@ -4,12 +4,15 @@
 epoch end all-reduces (sums) them across ranks and runs the M-step. With `exact_sharding` each rank sees
 a disjoint shard, so one epoch is one exact EM step whatever the number of devices (Dempster, Laird &
 Rubin 1977; the distributed form is the "sum the statistics" map-reduce EM of Chu et al. 2006).
-`fit_em` runs the same `initialize` / `e_step` / `m_step` on in-memory data (tests).
+`fit_em` runs the same `start_em` / `e_step` / `m_step` on in-memory data (tests).
 
 A conditional model (P(X, Y), `lightning_modules.common.class_blocks`) gets the labels too: `initialize(x, y)`
-and `e_step(x, y)`; an unconditional one is called with x alone, as before.
+and `e_step(x, y)`; an unconditional one is called with x alone, as before. Labels may be UNLABELLED
+(semi-supervised EM, `common.semi_supervised`): the E-step then treats the class as latent, the M-step
+re-estimates the class prior (`reestimate_class_prior`) and uses `semi_reg_covar`, and `start_em`
+initialises on guessed labels (an initialisation subsample that holds every labelled example first).
 
-An EM family's Config has `seed`, `init_subsample` and `tol` fields.
+An EM family's Config has `seed`, `init_subsample`, `tol`, `reg_covar` and `semi_reg_covar` fields.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.contract import GenerativeModel
+from lightning_modules.common import semi_supervised
+from lightning_modules.contract import UNLABELLED, GenerativeModel
 
 Stats = Dict[str, Tensor]
 DTYPE = torch.float64  # EM parameters and statistics
@@ -28,6 +32,8 @@ class EMModel(GenerativeModel):
     log_prob_kind = "exact"
     exact_sharding = True
     needs_init_data = True
+    semi_supervised_method = ("semi-supervised EM: the class latent for unlabelled examples, p(y) re-estimated "
+                              "(Miller & Uyar 1997; Nigam et al. 2000)")
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -42,19 +48,77 @@ class EMModel(GenerativeModel):
         self._stats: Stats = {}
 
     # --- what a family implements -----------------------------------------------------------------
-    def initialize(self, x: Tensor, y: Optional[Tensor] = None) -> None:
+    def initialize(self, x: Tensor, y: Optional[Tensor] = None, semi: bool = False) -> None:
         """Set initial parameters from a seeded subsample of the training data (same on every rank);
-        `y`: its labels, for a conditional model."""
+        `y`: its labels, for a conditional model (`semi`: some were UNLABELLED and are guesses)."""
         raise NotImplementedError
 
     def e_step(self, x: Tensor, y: Optional[Tensor] = None) -> Stats:
         """Sufficient statistics of a batch, summed over its examples. Must include `loglik` (sum of
-        per-example log-likelihoods under the current parameters: log p(x | y) for a conditional model)
-        and `count`."""
+        per-example log-likelihoods under the current parameters: log p(x | y) for a conditional model,
+        log p(x) for an UNLABELLED example) and `count`; a conditional model's also hold
+        `semi_supervised.class_statistics`."""
+        raise NotImplementedError
+
+    def maximize(self, stats: Stats, semi: bool) -> None:
+        """Set the parameters from summed statistics (`semi`: they hold UNLABELLED examples); the class
+        prior is `m_step`'s."""
         raise NotImplementedError
 
     def m_step(self, stats: Stats) -> None:
-        raise NotImplementedError
+        self.maximize(stats, self._saw_unlabelled(stats))
+        self.reestimate_class_prior(stats)
+
+    def label_features(self, x: Tensor) -> Tensor:
+        """Vectors (N, F) of the examples on which hidden labels are guessed at initialisation
+        (`semi_supervised.impute_labels`). Default: x flattened."""
+        return x.reshape(len(x), -1).to(DTYPE)
+
+    # --- shared steps -----------------------------------------------------------------------------
+    def start_em(self, x: Tensor, y: Optional[Tensor] = None) -> None:
+        """`initialize`; conditional with UNLABELLED labels: on the labels guessed by
+        `semi_supervised.impute_labels`, then `PSEUDO_LABEL_STEPS` EM steps with the guesses taken as
+        known, so that semi-supervised EM starts from per-class models fitted to them rather than from
+        their k-means start (its unlabelled posteriors then revise every guess)."""
+        if not self.conditional:
+            self.initialize(x)
+        elif not bool((y == UNLABELLED).any()):
+            self.initialize(x, y)
+        else:
+            guessed = semi_supervised.impute_labels(self.label_features(x), y, self.num_classes,
+                                                    self.variance_floor(semi=True), self.config.seed)
+            self.initialize(x, guessed, semi=True)
+            for _ in range(semi_supervised.PSEUDO_LABEL_STEPS):
+                self.maximize(self.e_step(x, guessed), semi=True)
+
+    def variance_floor(self, semi: bool) -> float:
+        """The `reg_covar` added to every variance in an M-step: `semi_reg_covar` (where set) when some
+        training labels are UNLABELLED."""
+        semi_reg = self.config.semi_reg_covar
+        return semi_reg if semi and semi_reg is not None else self.config.reg_covar
+
+    def reestimate_class_prior(self, stats: Stats) -> None:
+        """The M-step of p(y) when UNLABELLED examples were seen (labelled counts + expected counts of the
+        rest); with every label known it stays the training labels' frequencies (`set_class_prior`)."""
+        if self._saw_unlabelled(stats):
+            self.label_log_prior.copy_(semi_supervised.reestimated_log_prior(stats))
+
+    @staticmethod
+    def _saw_unlabelled(stats: Stats) -> bool:
+        """Whether these statistics hold UNLABELLED examples (conditional models count them)."""
+        return "unlabelled" in stats and stats["unlabelled"].item() > 0
+
+    def _init_subsample(self, n_total: int) -> Tensor:
+        """Seeded indices of at most `init_subsample` training examples; with UNLABELLED labels the labelled
+        examples come first (so every labelled example seeds the initialisation)."""
+        g = torch.Generator().manual_seed(self.config.seed)
+        n = min(n_total, self.config.init_subsample)
+        order = torch.randperm(n_total, generator=g)
+        if self.conditional:
+            hidden = (self.init_labels()[order] == UNLABELLED).cpu()
+            if bool(hidden.any()):
+                order = torch.cat([order[~hidden], order[hidden]])
+        return order[:n]
 
     # --- Lightning plumbing -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -63,13 +127,11 @@ class EMModel(GenerativeModel):
     def on_train_epoch_start(self) -> None:
         if not bool(self.initialized):
             x = self.init_data()
-            g = torch.Generator().manual_seed(self.config.seed)
-            n = min(len(x), self.config.init_subsample)
-            idx = torch.randperm(len(x), generator=g)[:n]
+            idx = self._init_subsample(len(x))
             if self.conditional:
-                self.initialize(x[idx].to(self.device), self.init_labels()[idx].to(self.device))
+                self.start_em(x[idx].to(self.device), self.init_labels()[idx].to(self.device))
             else:
-                self.initialize(x[idx].to(self.device))
+                self.start_em(x[idx].to(self.device))
             self.initialized.fill_(True)
         self._stats = {}
 
@@ -102,7 +164,7 @@ def fit_em(model: EMModel, x: Tensor, max_iter: int, tol: float = 0.0, y: Option
         raise ValueError(f"this {model.family} model is conditional: fit it with the labels y")
     args = (x, y) if model.conditional else (x,)
     if not bool(model.initialized):
-        model.initialize(*args)
+        model.start_em(*args)
         model.initialized.fill_(True)
     history: List[float] = []
     for _ in range(max_iter):

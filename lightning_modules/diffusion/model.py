@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from lightning_modules.common.ema import ema_decay_at, ema_update_
 from lightning_modules.common.nets import evaluating
-from lightning_modules.contract import Conditional, GenerativeModel, require
+from lightning_modules.contract import UNLABELLED, Conditional, GenerativeModel, require
 from lightning_modules.diffusion import samplers
 from lightning_modules.diffusion.bound import diffusion_term_at, endpoint_terms
 from lightning_modules.diffusion.denoisers import ResidualMLP, UNet
@@ -40,6 +41,8 @@ from lightning_modules.diffusion.schedule import CosineSchedule
 
 
 class Diffusion(GenerativeModel):
+    semi_supervised_method = ("unlabelled examples train the \"no label\" denoiser; a classifier on its bottleneck "
+                              "features is trained jointly on the labelled ones")
     family = "diffusion"
     log_prob_kind = "lower_bound"
     needs_init_data = True  # vectors are standardised by the training set's statistics
@@ -67,6 +70,9 @@ class Diffusion(GenerativeModel):
         encode_log_snr: float = 4.0  # the noise level at which `encode` reads the denoiser's bottleneck
         latent_steps: int = 100  # Heun steps (2 network calls each) of `ddim_latent` and `decode`
         bound_samples: int = 16  # Monte Carlo draws per example of the likelihood bound
+        # semi-supervised (some training labels hidden): weight of the labelled examples' cross-entropy of the
+        # classifier on the denoiser's bottleneck features, which then is `classify`
+        classifier_weight: float = 1.0
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
         def __post_init__(self):
@@ -79,6 +85,7 @@ class Diffusion(GenerativeModel):
                 require(getattr(self, key) >= 1, key, f"must be >= 1, not {getattr(self, key)}")
             require(self.lr > 0, "lr", f"must be > 0, not {self.lr}")
             require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, not {self.warmup_steps}")
+            require(self.classifier_weight >= 0, "classifier_weight", f"must be >= 0, not {self.classifier_weight}")
             require(self.guidance >= -1, "guidance", f"must be >= -1 (-1: the unconditional model), not {self.guidance}")
             require(all(w >= -1 for w in self.guidance_sweep), "guidance_sweep", "every scale must be >= -1")
 
@@ -96,13 +103,22 @@ class Diffusion(GenerativeModel):
                                             c.dropout)
             else:
                 raise ValueError(f"diffusion: no denoiser for {self.info.kind} data (images and vectors only)")
+            # semi-supervised: p(y | x) from the bottleneck features `encode` reads (drawn after the denoiser, so
+            # its initial weights do not move; trained only when labels are hidden)
+            self.classifier = nn.Linear(self._feature_dim(), self.num_classes) if self.conditional else None
         # frozen (not optimised): DDP expects no gradients for it; the checkpoint keeps it
         self.denoiser_ema = copy.deepcopy(self.denoiser).requires_grad_(False)
+        self.classifier_ema = copy.deepcopy(self.classifier).requires_grad_(False) if self.conditional else None
         # vectors: x' = (x - shift) / scale from the training data; images: fixed [0, 1] -> [-1, 1]
         d = self.info.dim
         image = self.info.kind == "image"
         self.register_buffer("shift", torch.full((d,), 0.5 if image else 0.0))
         self.register_buffer("scale", torch.full((d,), 0.5 if image else 1.0))
+
+    def _feature_dim(self) -> int:
+        with torch.no_grad(), evaluating(self.denoiser):
+            z = torch.zeros((1, *self.info.shape))
+            return self.denoiser.bottleneck(z, torch.zeros(1), None).shape[1]
 
     # --- data <-> model space -----------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -207,9 +223,20 @@ class Diffusion(GenerativeModel):
         """The representation for probes: the unconditional denoiser's bottleneck features at log-SNR
         `encode_log_snr`, fed the clean input alpha x (deterministic; on digits a linear probe on them scores
         0.986-0.989 for log-SNR 4 to 8, against 0.80 on the DDIM latent, which keeps every pixel's detail)."""
-        lam = torch.full((len(x),), self.config.encode_log_snr, device=x.device, dtype=x.dtype)
         with evaluating(self.denoiser_ema):
-            return self.denoiser_ema.bottleneck(torch.sigmoid(lam[0]).sqrt() * self._to_model(x), lam, None)
+            return self._features(self.denoiser_ema, x)
+
+    def _features(self, net: nn.Module, x: Tensor) -> Tensor:
+        lam = torch.full((len(x),), self.config.encode_log_snr, device=x.device, dtype=x.dtype)
+        return net.bottleneck(torch.sigmoid(lam[0]).sqrt() * self._to_model(x), lam, None)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """log p(y | x): trained semi-supervised, the classifier on the bottleneck features (its labelled
+        cross-entropy trained them jointly with the denoiser); else Bayes' rule over the class-conditional bounds."""
+        if not self.semi_supervised:
+            return super().classify(x)
+        with torch.no_grad(), evaluating(self.classifier_ema):
+            return torch.log_softmax(self.classifier_ema(self.encode(x)).double(), 1)
 
     @torch.no_grad()
     def ddim_latent(self, x: Tensor) -> Tensor:
@@ -240,9 +267,12 @@ class Diffusion(GenerativeModel):
         return torch.where(torch.arange(n, device=self.device) % 2 == 0, uniform, cosine)
 
     def _dropped_labels(self, y: Optional[Tensor]) -> Optional[Tensor]:
+        """The denoiser's class input: "no label" with probability `label_dropout`, and always for an UNLABELLED
+        example of a semi-supervised split, which so trains the unconditional denoiser that guidance and the
+        conditional bounds share (the class-conditional one learns from the labelled examples alone)."""
         if y is None:
             return None
-        drop = torch.rand(len(y), device=y.device) < self.config.label_dropout
+        drop = (torch.rand(len(y), device=y.device) < self.config.label_dropout) | (y == UNLABELLED)
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def training_step(self, batch, batch_idx):
@@ -255,10 +285,32 @@ class Diffusion(GenerativeModel):
         pred = self.denoiser(alpha * z0 + sigma * eps, lam, self._dropped_labels(y))
         loss = ((eps - pred) ** 2).mean()
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(x))
+        if self.semi_supervised and self.config.classifier_weight > 0:
+            loss = loss + self.config.classifier_weight * self._labelled_cross_entropy(x, y)
         return loss
 
+    def _labelled_cross_entropy(self, x: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy of the feature classifier over the batch's labelled examples (0 if it has none),
+        the labelled term of semi-supervised training; its gradient shapes the denoiser's features too."""
+        seen = y != UNLABELLED
+        if not bool(seen.any()):  # still touch every classifier weight: DDP expects a gradient for each
+            return sum(p.sum() for p in self.classifier.parameters()) * 0.0
+        logits = self.classifier(self._features(self.denoiser, x[seen]))
+        ce = F.cross_entropy(logits, y[seen])
+        self.log("train/classifier_ce", ce, on_step=False, on_epoch=True, sync_dist=True, batch_size=int(seen.sum()))
+        return ce
+
+    def setup(self, stage: str) -> None:
+        # the feature classifier trains only on a semi-supervised split (`set_class_prior` has run by now); frozen
+        # otherwise, so DDP finds no parameter without a gradient
+        if self.classifier is not None:
+            self.classifier.requires_grad_(self.semi_supervised)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update_(self.denoiser_ema, self.denoiser, ema_decay_at(self.config.ema_decay, self.global_step))
+        decay = ema_decay_at(self.config.ema_decay, self.global_step)
+        ema_update_(self.denoiser_ema, self.denoiser, decay)
+        if self.classifier is not None:
+            ema_update_(self.classifier_ema, self.classifier, decay)
 
     def validation_step(self, batch, batch_idx):
         """val/loss: the likelihood bound of the averaged model, -log p(x | y) with labels, in nats per example
@@ -270,7 +322,8 @@ class Diffusion(GenerativeModel):
     def configure_optimizers(self):
         """Adam; the learning rate rises linearly over `warmup_steps`, then follows a cosine to 0 at the end."""
         c = self.config
-        opt = torch.optim.Adam(self.denoiser.parameters(), lr=c.lr)
+        params = [p for p in self.parameters() if p.requires_grad]  # the denoiser, and the classifier if it trains
+        opt = torch.optim.Adam(params, lr=c.lr)
         total = self.trainer.estimated_stepping_batches
         total = None if math.isinf(total) else max(1, int(total))
 

@@ -6,6 +6,11 @@ checkerboard and channel masks - and factor out half the channels (RealNVP §3.6
 [actnorm, invertible linear, MAF layer or coupling]. The base is a standard normal over the flat latent;
 with labels, one diagonal Gaussian per class (Glow's class-conditional prior), so p(x | y) for every class
 comes from one pass and p(y | x) is exact by Bayes' rule.
+
+Semi-supervised (labels UNLABELLED where hidden): FlowGMM (Izmailov, Kirichenko, Finzi & Wilson 2020, §3),
+that base as a Gaussian mixture with one component per class: labelled examples train on -log p(x, y),
+unlabelled ones on the exact marginal -log p(x) = -log sum_y p(x | y) p(y). The components are placed at the
+labelled examples' latents (`_place_base`).
 """
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.contract import Conditional, GenerativeModel
+from lightning_modules.contract import UNLABELLED, Conditional, GenerativeModel, require
 from lightning_modules.flow.transforms import (
     ActNorm, AffineCoupling, ClassConditionalNormal, Flatten, InvertibleConv1x1, Logit, MaskedAffineAutoregressive,
     NormalizingFlow, Sequential, Split, Squeeze, StandardNormal, Transform, channel_mask, checkerboard_mask,
@@ -53,11 +59,27 @@ def vector_step(features: int, index: int, kind: str, hidden: int) -> Transform:
     return Sequential([ActNorm(features), InvertibleConv1x1(features), last])
 
 
+@torch.no_grad()
+def labelled_statistics(z: Tensor, y: Tensor, num_classes: int):
+    """Per-class means of the latents `z` (N, D) of labelled examples `y` (N,) (zero for a class without
+    any), and their pooled within-class standard deviation (D,) (one where no class has two examples)."""
+    z = z.double()
+    onehot = F.one_hot(y, num_classes).double()
+    n = onehot.sum(0)
+    mean = onehot.T @ z / n.clamp_min(1)[:, None]
+    dof = (n - 1).clamp_min(0).sum()
+    if dof == 0:
+        return mean, torch.ones_like(z[0])
+    return mean, (((z - mean[y]) ** 2).sum(0) / dof).sqrt().clamp_min(1e-2)
+
+
 class Flow(GenerativeModel):
     family = "flow"
     supports_fsdp = True
     log_prob_kind = "exact"
     takes_temperature = True
+    needs_init_data = True  # semi-supervised: the labelled examples place the class means (`provide_init_data`)
+    semi_supervised_method = "FlowGMM: a Gaussian per class in the latent, exact p(x, y), p(x) (Izmailov et al. 2020)"
 
     @dataclass
     class Config:
@@ -76,6 +98,14 @@ class Flow(GenerativeModel):
         vector_steps: int = 8
         hidden_features: int = 64
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
+        # semi-supervised training (FlowGMM, see `_semi_nll`): a labelled example's weight against an
+        # unlabelled one's (1: the exact likelihood of the observed data), and whether the class means and
+        # scales keep learning after their placement (false: FlowGMM's fixed base)
+        labelled_weight: float = 1.0
+        semi_learn_base: bool = True
+
+        def __post_init__(self):
+            require(self.labelled_weight > 0, "labelled_weight", "must be positive")
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -115,14 +145,58 @@ class Flow(GenerativeModel):
         y = self.sample_labels(n, y) if self.conditional else None
         return self.to_data_space(self.flow.sample(n, temperature, y).reshape(n, *self.info.shape))
 
+    @torch.no_grad()
+    def set_class_prior(self, y: Tensor) -> None:
+        super().set_class_prior(y)
+        if self.semi_supervised and not self.config.semi_learn_base:
+            self.flow.base.freeze()
+
+    # --- semi-supervised: FlowGMM (Izmailov, Kirichenko, Finzi & Wilson 2020) ----------------------
+    @torch.no_grad()
+    def _place_base(self, x: Tensor) -> None:
+        """Places the mixture base once, at the first semi-supervised step: each class's mean at the mean
+        latent of its labelled examples, every scale at their pooled within-class spread. FlowGMM fixes
+        random well-separated means instead; with a small flow and few steps T cannot carry the classes
+        there, and they collapse onto the nearest mean."""
+        self.flow.transform(x)  # ActNorm's data-dependent initialisation from this batch, as any first step
+        xl, yl = self.init_data().to(x), self.init_labels().to(x.device)
+        z = torch.cat([self.flow.encode(chunk) for chunk in xl.split(256)])
+        self.flow.base.place(*labelled_statistics(z, yl, self.num_classes))
+
+    def provide_init_data(self, x: Tensor, y: Optional[Tensor] = None) -> None:
+        """Keeps the labelled examples of a split with hidden labels (they place the base, `_place_base`);
+        a fully labelled or unlabelled training set is not needed, so it is not held."""
+        if y is not None and bool((y == UNLABELLED).any()):
+            keep = y != UNLABELLED
+            super().provide_init_data(x[keep], y[keep])
+
+    def _semi_nll(self, x: Tensor, y: Tensor) -> Tensor:
+        """FlowGMM's objective (§3): a labelled example costs -log p(x, y) = -log p(x | y) - log p(y), an
+        unlabelled one -log p(x) = -log sum_y p(x | y) p(y), both exact; labelled terms weigh
+        `labelled_weight`, and the sum is divided by the batch size."""
+        joint = self.class_log_joint(x)  # log p(x, y = c), (B, K), from one pass through T
+        labelled = y != UNLABELLED
+        lab = joint[labelled].gather(1, y[labelled, None]).squeeze(1)
+        unlab = torch.logsumexp(joint[~labelled], 1)
+        return -(self.config.labelled_weight * lab.sum() + unlab.sum()) / len(x)
+
     # --- training -------------------------------------------------------------------------------
+    def _loss(self, batch) -> Tensor:
+        """The training loss: `_semi_nll` when labels are hidden (`set_class_prior` saw UNLABELLED, or the
+        batch holds one), else `_nll`."""
+        if not (self.semi_supervised or (self.conditional and bool((batch[1] == UNLABELLED).any()))):
+            return self._nll(batch)
+        if not bool(self.flow.base.initialized):
+            self._place_base(batch[0])
+        return self._semi_nll(batch[0], batch[1])
+
     def _nll(self, batch) -> Tensor:
         """-log p(x) per example, or -log p(x | y) for a conditional model: the model of p(y) is the
         training frequencies, so maximising log p(x | y) maximises the joint likelihood."""
         return -self.log_prob(batch[0], batch[1] if self.conditional else None).mean()
 
     def training_step(self, batch, batch_idx):
-        loss = self._nll(batch)
+        loss = self._loss(batch)
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 

@@ -17,6 +17,24 @@ training labels' frequencies; G is trained on fresh (z, y') the same way. It sti
 it cannot classify (`can_classify` is False). The anomaly score is -max_y D(x, y): how real x looks as
 the class it most resembles (a real digit scores high for its own class, so a label-agnostic score
 should not penalise it for the others); `encode` stays phi(x), which does not depend on y.
+
+Semi-supervised (`objective`; `auto`: when the training labels have UNLABELLED entries): the (K+1)-class
+discriminator of Salimans et al. 2016 ("Improved techniques for training GANs", section 5), see `losses`.
+The projection discriminator's D(x, y) for every y serve as the K class logits l_y, so no parameter is
+added; the fake class's logit is fixed at 0, D(x) = Z / (Z + 1) with Z = sum_y exp l_y. D minimises the
+cross-entropy of the batch's labelled examples (their mean: the stand-in for the paper's separate
+labelled minibatch) + -log D(x) on every real example + -log(1 - D(G(z, y))) on the fakes; `classify`
+is log softmax_y l_y(x), so such a model classifies. G minimises feature matching on phi (section 3.1)
+plus, to keep `sample(n, y)` drawing class y, feature matching per class (`g_class_fm`): E[phi(x) | y],
+the real side weighted by D's p(y | x) (one-hot where the label is known), against E[phi(G(z, y)) | y].
+The AC-GAN-like alternative, D's cross-entropy on (G(z, y), y) (`g_class_weight`), asks for fakes D
+classifies easily and cost accuracy on digits with 10 labels per class (0.889 against 0.925 without it,
+seed 0, 200 epochs); feature matching per class kept it (0.930) with 96% of the samples of the class
+asked for (an RBF SVM trained on every real label judging).
+
+`objective: auto` resolves in `set_class_prior` (UNLABELLED among the training labels) or at the first
+training batch that has some, and is kept in the buffer `k_plus_one`: fully labelled training runs the
+projection objective exactly as before.
 """
 from __future__ import annotations
 
@@ -25,16 +43,20 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.common.ema import ema_decay_at, ema_update_
 from lightning_modules.common.nets import evaluating
-from lightning_modules.contract import Conditional, GenerativeModel, require
-from lightning_modules.gan.losses import gan_loss
+from lightning_modules.contract import UNLABELLED, Conditional, ConfigError, GenerativeModel, require
+from lightning_modules.gan.losses import (class_feature_matching, class_responsibilities, feature_matching, gan_loss,
+                                          k_plus_one_discriminator)
 from lightning_modules.gan.nets import build_pair
 
 
 class GAN(GenerativeModel):
+    semi_supervised_method = ("(K+1)-class discriminator with feature matching (Salimans et al. 2016), per-class "
+                              "feature matching for the conditional generator")
     family = "gan"
     log_prob_kind = None
 
@@ -57,11 +79,18 @@ class GAN(GenerativeModel):
         ema_decay: float = 0.999  # 0: sample from G itself; ~1/(1-decay) G steps averaged
         fid_every_n_epochs: int = 5  # validation FID this often; the best-FID checkpoint is the model
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
+        # conditional: the projection GAN, the semi-supervised (K+1)-class one, or (auto) the latter when
+        # some training labels are UNLABELLED
+        objective: Literal["auto", "projection", "k_plus_one"] = "auto"
+        g_class_fm: float = 1.0  # (K+1): weight of G's per-class feature matching (keeps G(z, y) of class y)
+        g_class_weight: float = 0.0  # (K+1): weight of D's cross-entropy on (G(z, y), y) in G's loss
 
         def __post_init__(self):
             require(self.n_critic >= 1, "n_critic", f"must be >= 1, not {self.n_critic}")
             require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), not {self.ema_decay}")
             require(self.fid_every_n_epochs >= 1, "fid_every_n_epochs", f"must be >= 1, not {self.fid_every_n_epochs}")
+            require(self.g_class_fm >= 0, "g_class_fm", f"must be >= 0, not {self.g_class_fm}")
+            require(self.g_class_weight >= 0, "g_class_weight", f"must be >= 0, not {self.g_class_weight}")
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -76,6 +105,10 @@ class GAN(GenerativeModel):
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if self.config.ema_decay > 0 else None
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))  # survives checkpoints
         self.register_buffer("g_steps", torch.zeros((), dtype=torch.long))
+        if self.conditional:  # the objective in use: a buffer, so the checkpoint keeps what `auto` chose
+            self.register_buffer("k_plus_one", torch.tensor(self.config.objective == "k_plus_one"))
+        elif self.config.objective == "k_plus_one":
+            raise ConfigError("objective", "k_plus_one needs a conditional model (labelled data)")
 
     # --- the contract -------------------------------------------------------------------------
     @torch.no_grad()
@@ -92,7 +125,30 @@ class GAN(GenerativeModel):
     def sample_quality_every_n_epochs(self) -> Optional[int]:
         return self.config.fid_every_n_epochs
 
+    def can_classify(self) -> bool:
+        """True for the (K+1)-class discriminator, whose K class logits give p(y | x)."""
+        return self.conditional and bool(self.k_plus_one)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """log p(y | x) = log softmax_y l_y(x) from D's class logits (Salimans et al. 2016, section 5)."""
+        if not self.can_classify():
+            raise NotImplementedError("a GAN classifies only when trained with the k_plus_one objective")
+        with evaluating(self.discriminator):
+            return torch.log_softmax(self.discriminator.class_logits(x), 1)
+
+    def set_class_prior(self, y: Tensor) -> None:
+        """The contract's prior from the labelled entries; `objective: auto` becomes k_plus_one here when
+        some training label is UNLABELLED, else projection."""
+        super().set_class_prior(y)
+        self.resolve_objective(bool((torch.as_tensor(y) == UNLABELLED).any()), reset=True)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.conditional:  # a checkpoint from before the (K+1) objective trained the projection one
+            checkpoint["state_dict"].setdefault("k_plus_one", torch.tensor(False))
+
     def anomaly_score(self, x: Tensor) -> Tensor:
+        if self.conditional and bool(self.k_plus_one):  # -logit of D(x) = Z / (Z + 1): -log Z
+            return -torch.logsumexp(self.discriminator.class_logits(x), 1)
         if self.conditional:
             return -self.discriminator.class_logits(x).max(1).values
         return -self.discriminator(x)
@@ -136,6 +192,43 @@ class GAN(GenerativeModel):
         logits = self.critic(torch.cat([real, fake]), y)
         return self.loss.discriminator(logits[: len(real)], logits[len(real):])
 
+    # --- the (K+1)-class objective (Salimans et al. 2016, section 5) -------------------------------
+    def resolve_objective(self, hidden_labels: bool, reset: bool = False) -> None:
+        """`auto` -> k_plus_one when labels are hidden (`reset`: else back to projection, for the labels
+        `set_class_prior` hands over); `projection` refuses hidden labels."""
+        if hidden_labels and self.config.objective == "projection":
+            raise ValueError("objective projection needs every training label (some are UNLABELLED)")
+        if self.config.objective == "auto" and (hidden_labels or reset):
+            self.k_plus_one.fill_(hidden_labels)
+
+    def uses_k_plus_one(self, y: Optional[Tensor]) -> bool:
+        """Whether this batch trains the (K+1) objective; `auto` turns to it for good at the first batch with
+        UNLABELLED labels (where `set_class_prior` was not given the training labels)."""
+        if y is None:
+            return False
+        self.resolve_objective(bool((y == UNLABELLED).any()))
+        return bool(self.k_plus_one)
+
+    def k_plus_one_discriminator_loss(self, real: Tensor, y_real: Tensor, fake: Tensor) -> Tensor:
+        """Supervised cross-entropy + -log D(x) + -log(1 - D(G(z))), from one pass (D has no BatchNorm)."""
+        logits = self.discriminator.class_logits(torch.cat([real, fake]))
+        return k_plus_one_discriminator(logits[: len(real)], y_real, logits[len(real):])
+
+    def k_plus_one_generator_loss(self, real: Tensor, y_real: Tensor) -> Tensor:
+        """Feature matching on phi (Salimans et al. 2016, section 3.1) + `g_class_fm` x feature matching per
+        class + `g_class_weight` x D's cross-entropy on (G(z, y), y), for fresh z and y ~ p(y). The last is
+        computed even at weight 0, so that D's class layers get a gradient (plain DDP expects one)."""
+        fake, y_fake = self.fakes(len(real))
+        d = self.discriminator
+        with torch.no_grad():
+            real_features = d.features(real)
+            real_probs = class_responsibilities(d.logits_from_features(real_features), y_real)
+        features = d.features(fake)
+        c = self.config
+        return (feature_matching(real_features, features)
+                + c.g_class_fm * class_feature_matching(real_features, real_probs, features, y_fake)
+                + c.g_class_weight * F.cross_entropy(d.logits_from_features(features), y_fake))
+
     def _optimizer_step(self, optimizer, loss: Tensor) -> Tensor:
         """One step of `optimizer` on `loss`. Its zero_grad also drops the gradients the other player's last
         step left on these parameters.
@@ -154,18 +247,23 @@ class GAN(GenerativeModel):
 
     def training_step(self, batch, batch_idx):
         x, y = self.real_batch(batch)
+        k_plus_one = self.uses_k_plus_one(y)
         opt_g, opt_d = self.optimizers()
         log = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=len(x))
 
         fake, y_fake = self.fakes(len(x))
-        loss_d = self._optimizer_step(opt_d, self.discriminator_loss(x, fake, y, y_fake))
+        loss_d = (self.k_plus_one_discriminator_loss(x, y, fake) if k_plus_one
+                  else self.discriminator_loss(x, fake, y, y_fake))
+        loss_d = self._optimizer_step(opt_d, loss_d)
         self.d_steps += 1
         # train/loss is D's loss, the same quantity as val/loss: their gap shows D overfitting
         self.log("train/loss_d", loss_d, **log)
         self.log("train/loss", loss_d, **log)
 
         if int(self.d_steps) % self.config.n_critic == 0:
-            loss_g = self._optimizer_step(opt_g, self.loss.generator(self.critic(*self.fakes(len(x)))))
+            loss_g = (self.k_plus_one_generator_loss(x, y) if k_plus_one
+                      else self.loss.generator(self.critic(*self.fakes(len(x)))))
+            loss_g = self._optimizer_step(opt_g, loss_g)
             self.log("train/loss_g", loss_g, **log)
             if self.generator_ema is not None:
                 self.g_steps += 1
@@ -175,5 +273,8 @@ class GAN(GenerativeModel):
         x, y = self.real_batch(batch)
         g = torch.Generator().manual_seed(self.config.seed + batch_idx)  # the same fakes every validation
         fake, y_fake = self.fakes(len(x), g)
-        loss = self.discriminator_loss(x, fake, y, y_fake)
+        if self.conditional and bool(self.k_plus_one):
+            loss = self.k_plus_one_discriminator_loss(x, y, fake)
+        else:
+            loss = self.discriminator_loss(x, fake, y, y_fake)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(x))

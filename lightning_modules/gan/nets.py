@@ -111,7 +111,11 @@ class ProjectionDiscriminator(Discriminator):
 
     def class_logits(self, x: Tensor) -> Tensor:
         """D(x, y) for every class y, shape (B, K), from one pass of `features`."""
-        h = self.features(x)
+        return self.logits_from_features(self.features(x))
+
+    def logits_from_features(self, h: Tensor) -> Tensor:
+        """D(x, y) for every class from phi(x) = h. The (K+1)-class objective reads these as the K class
+        logits l_y (the shared psi(phi(x)) cancels in p(y | x) and scales Z(x) alike for all classes)."""
         return self.head(h) + self.embed(h)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:

@@ -103,13 +103,40 @@ def forward_backward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tenso
     u = log_alpha[:, :-1]
     v = log_emit[:, 1:] + log_beta[:, 1:]
     mu, mv = _max_shift(u), _max_shift(v)
-    w = ((mu + mv).squeeze(-1) - ll[:, None]).exp() * mask[:, 1:]
+    log_w = (mu + mv).squeeze(-1) - ll[:, None]
+    # w overflows where alpha's and beta's maxima sit on states no transition joins (a sequence far from
+    # a sparse, e.g. left-to-right, chain): those sequences are counted in log space instead
+    overflow = ((log_w > _LOG_W_MAX) & mask[:, 1:]).any(1)
+    if bool(overflow.any()):
+        log_w = log_w.masked_fill(overflow[:, None], -torch.inf)
+    w = log_w.exp() * mask[:, 1:]
     u = (u - mu).exp() * w[..., None]
     v = (v - mv).exp()
     if trans.dim() == 2:  # one chain: summed over sequences and steps
         u, v = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
     trans_counts = trans * (u.mT @ v)  # (N, N), or per sequence (B, N, N)
+    if bool(overflow.any()):
+        trans_counts = _add_log_space_counts(trans_counts, overflow, log_alpha, log_emit + log_beta, trans, mask, ll)
     return Posteriors(ll, gamma, trans_counts)
+
+
+_LOG_W_MAX = 600.0  # exp(600) ~ 1e260: far from float64 overflow even after the [0, 1] factors
+
+
+def _add_log_space_counts(trans_counts: Tensor, rows: Tensor, log_alpha: Tensor, log_ev: Tensor, trans: Tensor,
+                          mask: Tensor, ll: Tensor) -> Tensor:
+    """trans_counts plus the transition counts of the sequences `rows` (B,) bool, xi_t(i, j) summed over t
+    and computed whole in log space, log alpha_t(i) + log A_ij + log b_j(x_t+1) + log beta_t+1(j) - log p(x),
+    one (n, N, N) step at a time (exact however far apart the factors are)."""
+    idx = rows.nonzero().squeeze(1)
+    log_trans = (trans[idx] if trans.dim() == 3 else trans).log()
+    counts = torch.zeros(len(idx), *trans.shape[-2:], dtype=trans_counts.dtype, device=trans_counts.device)
+    for t in range(log_alpha.shape[1] - 1):
+        xi = log_alpha[idx, t, :, None] + log_trans + log_ev[idx, t + 1, None, :] - ll[idx, None, None]
+        counts = counts + xi.exp() * mask[idx, t + 1, None, None]
+    if trans.dim() == 2:
+        return trans_counts + counts.sum(0)
+    return trans_counts.index_add(0, idx, counts)
 
 
 def viterbi(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor):

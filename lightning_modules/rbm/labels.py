@@ -45,6 +45,13 @@ class LabelUnits:
         hidden = energy.hidden_input(v)[:, None, :] + self.U  # (B, K, H)
         return energy.visible_energy(v)[:, None] - self.d - F.softplus(hidden).sum(-1)
 
+    @staticmethod
+    def marginal_free_energy(free_energies: Tensor) -> Tensor:
+        """F(v) = -log sum_y e^{-F(v, y)} from the per-class free energies (B, K): the free energy of v with the
+        label summed out as a latent, whose gradient is the posterior-weighted sum_y p(y | v) dF(v, y)/dtheta
+        (the positive phase of -log p(x) for an unlabelled example, Larochelle & Bengio 2008 sec. 4)."""
+        return -torch.logsumexp(-free_energies, -1)
+
     def free_energy(self, energy: RBMEnergy, v: Tensor, y: Tensor) -> Tensor:
         """F(v, y) for one class per row, (B,)."""
         return self.clamp(energy, y).free_energy(v) - self.d[y]

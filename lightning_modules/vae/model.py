@@ -4,12 +4,20 @@ importance-weighted bound of Burda et al. 2016 (IWAE), a lower bound that tighte
 With labels it is the conditional VAE of Sohn et al. 2015 (M2's generative model without its classifier,
 Kingma et al. 2014): p(x | y, z) p(z) with q(z | x, y), the one-hot label joining the encoder's head and
 the decoder's input. log p(x | y) is the IWAE bound under q(z | x, y); log p(x) is the log-sum-exp over
-classes of log p(y) + that bound, itself a stochastic lower bound (`class_bounds`)."""
+classes of log p(y) + that bound, itself a stochastic lower bound (`class_bounds`).
+
+With hidden labels (`data.labels_per_class`: UNLABELLED in `set_class_prior`, `provide_init_data` and the
+batches) it is M2 itself (Kingma, Rezende, Mohamed & Welling 2014): the CVAE plus a classifier q(y | x),
+trained on J^alpha (eq. 9, `semi`): a labelled example by L(x, y) + alpha log q(y | x), an unlabelled one by
+U(x) = sum_y q(y | x) L(x, y) + H(q(y | x)). The classifier appears only then (`semi_supervised: auto`), so a
+fully labelled model is the CVAE bit for bit. `classify` stays Bayes' rule over the per-class bounds, not
+q(y | x): on digits with 10 labels per class (150 epochs) it was the better of the two on every seed
+measured (seeds 0, 1, 2: 0.969, 0.947, 0.958 against q's 0.950, 0.936, 0.933)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +25,9 @@ from torch import Tensor, nn
 
 from lightning_modules.common.binarized import binarize, density_offset, sample_half_cube
 from lightning_modules.common.nets import ConvDecoder, ConvEncoder, mlp
-from lightning_modules.contract import Conditional, GenerativeModel
+from lightning_modules.contract import UNLABELLED, Conditional, ConfigError, GenerativeModel, require
 from lightning_modules.vae.class_bounds import class_bounds, every_class
+from lightning_modules.vae.semi import sum_over_classes, top_classes
 
 LOG_2PI = math.log(2 * math.pi)
 # conditional bounds (`class_bounds`): pilot samples per class, how close to the best class's pilot
@@ -37,6 +46,8 @@ class VAE(GenerativeModel):
     family = "vae"
     supports_fsdp = True
     log_prob_kind = "lower_bound"
+    needs_init_data = True  # semi-supervised: eq. 9's classification term draws from the labelled examples
+    semi_supervised_method = "M2: a classifier q(y | x) and the class as a latent of the CVAE (Kingma et al. 2014)"
 
     @dataclass
     class Config:
@@ -53,6 +64,19 @@ class VAE(GenerativeModel):
         lr: float = 2e-3
         iwae_k: int = 256
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
+        # M2 (Kingma et al. 2014): a classifier q(y | x) and the unlabelled bound; auto: when the training
+        # labels handed to `set_class_prior` hide some (UNLABELLED)
+        semi_supervised: Literal["auto", True, False] = "auto"
+        # eq. 9's alpha / N, the weight of E_labelled[log q(y | x)] next to the mean bound (`semi`); the
+        # paper's 0.1 N is 0.1 here (with no labelled_draws: 0.82 on digits, 10 labels per class, 60 epochs)
+        alpha: float = 10.0
+        semi_classes: int = 2  # U(x) sums over this many classes of highest q(y | x) (`semi.top_classes`)
+        labelled_draws: int = 64  # labelled examples drawn per step for eq. 9's classification term
+
+        def __post_init__(self):
+            require(self.alpha >= 0, "alpha", "must be >= 0")
+            require(self.semi_classes >= 1, "semi_classes", "must be >= 1")
+            require(self.labelled_draws >= 0, "labelled_draws", "must be >= 0")
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -72,6 +96,11 @@ class VAE(GenerativeModel):
             self.decoder = nn.Sequential(nn.Linear(z + k, d), nn.Unflatten(1, shape))
         n_scales = d if c.obs_scale == "pixel" else 1
         self.log_scale = nn.Parameter(torch.full((n_scales,), -1.0))
+        self.arch = arch
+        self.classifier: Optional[nn.Module] = None  # q(y | x), M2's classifier: semi-supervised models only
+        self._labelled: Optional[Tuple[Tensor, Tensor]] = None  # the labelled training examples (`provide_init_data`)
+        if c.semi_supervised is True:
+            self.add_classifier()
 
     # --- model pieces -------------------------------------------------------------------------------
     def with_label(self, h: Tensor, y: Optional[Tensor]) -> Tensor:
@@ -80,9 +109,11 @@ class VAE(GenerativeModel):
             return h
         return torch.cat([h, F.one_hot(y, self.num_classes).to(h.dtype)], 1)
 
-    def posterior(self, x: Tensor, y: Optional[Tensor] = None):
-        """q(z | x) or q(z | x, y): mean and log-variance."""
-        mu, log_var = self.encoder[-1](self.with_label(self.encoder[:-1](x), y)).chunk(2, dim=-1)
+    def posterior(self, x: Tensor, y: Optional[Tensor] = None, h: Optional[Tensor] = None):
+        """q(z | x) or q(z | x, y): mean and log-variance; `h`: x's label-free features `encoder[:-1](x)`
+        where they are already computed (the unlabelled bound reuses them for every class)."""
+        h = self.encoder[:-1](x) if h is None else h
+        mu, log_var = self.encoder[-1](self.with_label(h, y)).chunk(2, dim=-1)
         return mu, log_var.clamp(-12, 8)
 
     def decode(self, z: Tensor, y: Optional[Tensor] = None) -> Tensor:
@@ -98,12 +129,90 @@ class VAE(GenerativeModel):
     def _log_scale(self) -> Tensor:
         return self.log_scale.clamp(min=self.config.min_log_scale)
 
-    def elbo_terms(self, x: Tensor, y: Optional[Tensor] = None):
-        mu, log_var = self.posterior(x, y)
+    def elbo_terms(self, x: Tensor, y: Optional[Tensor] = None, h: Optional[Tensor] = None):
+        mu, log_var = self.posterior(x, y, h)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
         rec = self.obs_log_prob(x, self.decode(z, y))
         kl = 0.5 * (mu**2 + log_var.exp() - 1 - log_var).sum(1)  # KL(q(z|x) || N(0, I)), closed form
         return rec, kl
+
+    # --- semi-supervised (M2, Kingma et al. 2014) ----------------------------------------------------
+    def add_classifier(self) -> None:
+        """M2's classifier q(y | x): an MLP on the flattened input as wide as the encoder, with K outputs
+        (linear for the linear arch): cheap next to the decoder passes of the unlabelled bound.
+        Built after every other module and from its own seeded generator, so the generative model's
+        initialisation and the global random stream are those of the fully labelled model."""
+        if not self.conditional:
+            raise ConfigError("semi_supervised", "needs a conditional model (labelled data)")
+        c, k = self.config, self.num_classes
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            body = nn.Linear(self.info.dim, k) if self.arch == "linear" else mlp(self.info.dim, c.hidden, k)
+            net = nn.Sequential(nn.Flatten(), body)
+        self.classifier = net.to(self.log_scale.device)
+
+    def note_hidden_labels(self, y: Tensor) -> None:
+        """Training labels with UNLABELLED entries make a `semi_supervised: auto` model semi-supervised (its
+        checkpoint's config says so from then on)."""
+        if self.classifier is not None or not bool((y == UNLABELLED).any()):
+            return
+        if self.config.semi_supervised is False:
+            raise ConfigError("semi_supervised", "the training labels are partly hidden (use auto or true)")
+        self.config.semi_supervised = True
+        self.hparams["cfg"]["semi_supervised"] = True
+        self.add_classifier()
+
+    @torch.no_grad()
+    def set_class_prior(self, y: Tensor) -> None:
+        """log p(y) from the labelled examples; hidden labels make the model semi-supervised."""
+        super().set_class_prior(y)
+        self.note_hidden_labels(y)
+
+    def provide_init_data(self, x: Tensor, y: Optional[Tensor] = None) -> None:
+        """The training set: a semi-supervised model keeps its labelled examples for eq. 9's classification
+        term (`labelled_draw`; not checkpointed, handed over again on resume); a fully labelled one ignores it."""
+        super().provide_init_data(x, y)
+        if y is not None and self.conditional:
+            self.note_hidden_labels(y)
+            visible = y != UNLABELLED
+            self._labelled = (x[visible], y[visible]) if self.classifier is not None and visible.any() else None
+
+    def labelled_draw(self, device) -> Optional[Tuple[Tensor, Tensor]]:
+        """`labelled_draws` labelled training examples drawn uniformly with the global generator (which
+        the train stage reseeds every step), or None without them."""
+        if self._labelled is None or not self.config.labelled_draws:
+            return None
+        x, y = self._labelled
+        pick = torch.randint(len(y), (self.config.labelled_draws,))
+        return x[pick].to(device), y[pick].to(device)
+
+    def classifier_log_probs(self, x: Tensor) -> Tensor:
+        """log q(y | x), (B, K)."""
+        return torch.log_softmax(self.classifier(x), 1)
+
+    def labelled_bound(self, x: Tensor, y: Tensor, h: Optional[Tensor] = None) -> Tensor:
+        """L(x, y) (eq. 6): the (beta-)ELBO on log p(x | y), plus log p(y)."""
+        rec, kl = self.elbo_terms(x, y, h)
+        return rec - self.config.beta * kl + self.class_log_prior().to(rec)[y]
+
+    def unlabelled_bound(self, x: Tensor, m: Optional[int] = None) -> Tensor:
+        """U(x) (eq. 7) over the m classes of highest q(y | x) (default: all); a lower bound on log p(x)."""
+        unlabelled = torch.full((len(x),), UNLABELLED, device=x.device)
+        return self.semi_supervised_terms(x, unlabelled, m or self.num_classes)[0]
+
+    def semi_supervised_terms(self, x: Tensor, y: Tensor, m: Optional[int] = None):
+        """The bounds of a batch, L(x, y) of its labelled examples then U(x) of the others (over their
+        `semi_classes` most likely classes), in one decoder pass over the (example, class) pairs; and
+        log q(y | x) of the labelled examples."""
+        labelled = y != UNLABELLED
+        logits = self.classifier(x)
+        classes, log_q = top_classes(logits[~labelled], m or self.config.semi_classes)
+        rows = torch.cat([labelled.nonzero()[:, 0], (~labelled).nonzero()[:, 0].repeat_interleave(classes.shape[1])])
+        bounds = self.labelled_bound(x[rows], torch.cat([y[labelled], classes.flatten()]), self.encoder[:-1](x)[rows])
+        n_l = int(labelled.sum())
+        u = sum_over_classes(log_q, bounds[n_l:].view(classes.shape))
+        log_q_y = torch.log_softmax(logits[labelled], 1).gather(1, y[labelled, None])[:, 0]
+        return torch.cat([bounds[:n_l], u]), log_q_y
 
     # --- training -------------------------------------------------------------------------------------
     def labels_of(self, batch) -> Optional[Tensor]:
@@ -112,10 +221,28 @@ class VAE(GenerativeModel):
 
     def training_step(self, batch, batch_idx):
         x = batch[0]
+        if self.classifier is not None:
+            return self.semi_supervised_step(x, batch[1])
+        if self.conditional and bool((batch[1] == UNLABELLED).any()):
+            raise ValueError("hidden training labels (UNLABELLED): hand the labels to set_class_prior or "
+                             "provide_init_data first, or set semi_supervised: true")
         rec, kl = self.elbo_terms(x, self.labels_of(batch))
         loss = -(rec - self.config.beta * kl).mean()
         self.log("train/loss", loss, on_epoch=True, on_step=False, sync_dist=True, batch_size=len(x))
         self.log("train/kl", kl.mean(), on_epoch=True, on_step=False, sync_dist=True, batch_size=len(x))
+        return loss
+
+    def semi_supervised_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """-J^alpha / N (eq. 9): the bounds averaged over the batch, and alpha times the mean log q(y | x)
+        of its labelled examples and of `labelled_draws` more from the training set (the expectation over
+        the labelled data that eq. 9 asks for, with less noise than the batch's few labels alone)."""
+        bounds, log_q_y = self.semi_supervised_terms(x, y)
+        extra = self.labelled_draw(x.device)
+        if extra is not None:
+            log_q_y = torch.cat([log_q_y, self.classifier_log_probs(extra[0]).gather(1, extra[1][:, None])[:, 0]])
+        classification = log_q_y.mean() if len(log_q_y) else log_q_y.sum()
+        loss = -bounds.mean() - self.config.alpha * classification
+        self.log("train/loss", loss, on_epoch=True, on_step=False, sync_dist=True, batch_size=len(x))
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from lightning_modules.contract import DataInfo
-from pipeline.data.store import data_info, read_labels, read_manifest, read_split
+from pipeline.data.labelled import hide_labels
+from pipeline.data.store import data_info, read_labelled, read_labels, read_manifest, read_split
 
 
 def dequantize(x_levels: torch.Tensor, levels: Optional[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -99,28 +100,41 @@ def batch_loader(dataset: BatchIndexedDataset, sampler: Sampler, batch_size: int
 
 
 class PreparedDataModule(pl.LightningDataModule):
+    """`hide_unlabelled`: where the store holds a labelled subset (`data.labels_per_class`), the training
+    split's other labels are served as UNLABELLED (the train stage's view; evaluation sees every label)."""
+
     def __init__(self, folder: str | Path, batch_size: int = 128, seed: int = 0, num_workers: int = 0,
-                 fixed_train_noise: bool = False, exact_sharding: bool = False):
+                 fixed_train_noise: bool = False, exact_sharding: bool = False, hide_unlabelled: bool = False):
         super().__init__()
         self.folder = Path(folder)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.fixed_train_noise, self.exact_sharding = fixed_train_noise, exact_sharding
         self.manifest = read_manifest(self.folder)
         self.info: DataInfo = data_info(self.manifest)
+        self.labelled = read_labelled(self.folder, self.manifest)  # indices of the labelled training examples, or None
+        self.hide_unlabelled = hide_unlabelled and self.labelled is not None
         self._raw = {}
 
     def raw(self, split: str):
-        """(x, y) as stored: integer levels for images."""
+        """(x, y) as stored: integer levels for images (hidden training labels as UNLABELLED)."""
         if split not in self._raw:
             x, y = read_split(self.folder, split, self.manifest)
-            self._raw[split] = (torch.from_numpy(x), torch.from_numpy(y))
+            self._raw[split] = (torch.from_numpy(x), torch.from_numpy(self._visible(split, y)))
         return self._raw[split]
 
     def labels(self, split: str) -> torch.Tensor:
         """A split's labels, without reading its data."""
         if split in self._raw:
             return self._raw[split][1]
-        return torch.from_numpy(read_labels(self.folder, split, self.manifest))
+        return torch.from_numpy(self._visible(split, read_labels(self.folder, split, self.manifest)))
+
+    def use_labelled(self, labelled) -> None:
+        """Serve only these training labels (indices), whatever the store holds: the semi-supervised bench
+        draws several labelled subsets of one prepared split."""
+        self.labelled, self.hide_unlabelled, self._raw = labelled, True, {}
+
+    def _visible(self, split: str, y):
+        return hide_labels(y, self.labelled) if split == "train" and self.hide_unlabelled else y
 
     def has_split(self, split: str) -> bool:
         return f"{split}_x.npy" in self.manifest["files"]

@@ -6,7 +6,7 @@ known; the data module dequantises them. Vectors are float32, token sequences in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -21,6 +21,9 @@ class Prepared:
     info: DataInfo
     source: str
     extra: dict = field(default_factory=dict)  # e.g. the true model's test log-likelihood
+    # semi-supervised (`data.labels_per_class`): the indices of the training examples that keep their label
+    labels_per_class: Optional[int] = None
+    labelled: Optional[np.ndarray] = None
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, rng: np.random.Generator):

@@ -1,13 +1,15 @@
 """The data sources registry: dataset name -> a loader `(data config, rng) -> Prepared`. Every source
-is listed here, so `data.dataset` is validated against one dict; `load_source` applies the hold-out."""
+is listed here, so `data.dataset` is validated against one dict; `load_source` applies the hold-out and the labelled subset."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict
 
 import numpy as np
 
 from pipeline.data import hmm_synthetic, text, toy2d
 from pipeline.data.images import TORCHVISION, digits, digits_rows, torchvision_source
+from pipeline.data.labelled import select_labelled
 from pipeline.data.prepared import Prepared
 from pipeline.errors import GenzooError
 
@@ -32,7 +34,18 @@ def load_source(dcfg) -> Prepared:
     prepared = SOURCES[dcfg.dataset](dcfg, rng)
     if dcfg.holdout_class is not None:
         prepared = hold_out_class(prepared, int(dcfg.holdout_class))
+    if dcfg.labels_per_class is not None:
+        prepared = keep_few_labels(prepared, int(dcfg.labels_per_class), dcfg.seed)
     return prepared
+
+
+def keep_few_labels(p: Prepared, per_class: int, seed: int) -> Prepared:
+    """Semi-supervised data: `per_class` seeded training labels per class are kept (`pipeline/data/labelled.py`)."""
+    if p.info.num_classes is None:
+        raise GenzooError(f"data.labels_per_class={per_class}: dataset '{p.source}' has no labels")
+    y = p.splits["train"][1]
+    labelled = select_labelled(y, per_class, p.info.num_classes, seed)
+    return dataclasses.replace(p, labels_per_class=per_class, labelled=labelled)
 
 
 def hold_out_class(p: Prepared, cls: int) -> Prepared:

@@ -28,6 +28,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+LABELLED = "train_labelled.npy"  # the labelled subset's indices, where `data.labels_per_class` is set
+
+
 def write_prepared(p: Prepared, out: Path, dataset: str, seed: int) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -38,6 +41,9 @@ def write_prepared(p: Prepared, out: Path, dataset: str, seed: int) -> dict:
             name = f"{split}_{part}.npy"
             np.save(tmp / name, np.ascontiguousarray(arr), allow_pickle=False)
             files[name] = sha256(tmp / name)
+    if p.labelled is not None:
+        np.save(tmp / LABELLED, p.labelled, allow_pickle=False)
+        files[LABELLED] = sha256(tmp / LABELLED)
     content_hash = hashlib.sha256("".join(f"{k}:{v}" for k, v in sorted(files.items())).encode()).hexdigest()
     manifest = {
         "dataset": dataset,
@@ -46,6 +52,7 @@ def write_prepared(p: Prepared, out: Path, dataset: str, seed: int) -> dict:
         "info": p.info.to_dict(),
         "splits": {k: {"n": int(len(x)), "x_shape": list(x.shape), "x_dtype": str(x.dtype)} for k, (x, y) in p.splits.items()},
         "files": files,
+        "labels_per_class": p.labels_per_class,
         "content_hash": content_hash,
         **p.extra,
     }
@@ -67,9 +74,13 @@ def read_manifest(folder: Path) -> dict:
 
 def _read_checked(folder: Path, split: str, part: str, manifest: dict) -> np.ndarray:
     name = f"{split}_{part}.npy"
-    path = Path(folder) / name
     if name not in manifest["files"]:
-        raise GenzooError(f"{path}: split '{split}' is not in {folder / MANIFEST}")
+        raise GenzooError(f"{Path(folder) / name}: split '{split}' is not in {folder / MANIFEST}")
+    return _read_file(folder, name, manifest)
+
+
+def _read_file(folder: Path, name: str, manifest: dict) -> np.ndarray:
+    path = Path(folder) / name
     if not path.is_file():
         raise GenzooError(f"{path} is missing: re-run `genzoo fetch`")
     if sha256(path) != manifest["files"][name]:
@@ -84,6 +95,11 @@ def read_split(folder: Path, split: str, manifest: dict):
 def read_labels(folder: Path, split: str, manifest: dict) -> np.ndarray:
     """A split's labels alone (checked like the data)."""
     return _read_checked(folder, split, "y", manifest)
+
+
+def read_labelled(folder: Path, manifest: dict):
+    """The labelled training subset's indices (`data.labels_per_class`), or None: every label is kept."""
+    return _read_file(folder, LABELLED, manifest) if LABELLED in manifest["files"] else None
 
 
 def data_info(manifest: dict) -> DataInfo:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.contract import DataInfo, GenerativeModel
-from pipeline.evaluation.conditional import bayes_classifier_accuracy, conditional_metrics, proportional_labels
+from pipeline.evaluation.conditional import accuracy, bayes_classifier_accuracy, conditional_metrics, proportional_labels
 from pipeline.evaluation.sample_metrics import extract, fid_kid, precision_recall
 
 
@@ -183,6 +183,8 @@ def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg,
         curves.update(c)
     if model.has_encoder() and info.num_classes:
         metrics.update(probe_metrics(model, dm.split("train"), (test_x, test_y), bs, ecfg.seed))
+    if dm.labelled is not None and model.can_classify():  # trained on a semi-supervised split
+        metrics["semi_acc"] = accuracy(model.classify, test_x, test_y, bs)
     labelled = None
     if model.conditional:
         m, *labelled = conditional_metrics(model, info.kind, dm.split("train")[1], (test_x, test_y), label_classifier,

@@ -59,7 +59,8 @@ def evaluate(cfg) -> dict:
 
                 log_mlflow_model(model, samples[:4])
     result = {"family": family, "nll_kind": cls.log_prob_kind, "run_id": run["run_id"], "metrics": metrics,
-              "curves": curves, "samples_png": str(grid), "conditional": model.conditional}
+              "curves": curves, "samples_png": str(grid), "conditional": model.conditional,
+              "semi_supervised_method": cls.semi_supervised_method if "semi_acc" in metrics else None}
     if labelled is not None:
         result["class_samples_png"] = str(grids[1])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,16 @@
 """Stage `featnet`: train the small classifier that defines the FID/KID feature space, report its test
 accuracy, and measure the real-data row: FID/KID/precision/recall of the test split against train (the
-floor), and on labelled data the discriminative baselines (logistic regression, the real-data CAS)."""
+floor), and on labelled data the discriminative baselines (logistic regression, the real-data CAS; with
+`data.labels_per_class`, the same trained on the labelled examples alone)."""
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytorch_lightning as pl
+import torch
 
-from pipeline.evaluation.conditional import real_data_baselines
+from pipeline.evaluation.conditional import real_data_baselines, semi_supervised_baselines
 from pipeline.evaluation.featnet import FeatNet
 from pipeline.evaluation.features import feature_extractor
 from pipeline.evaluation.scoring import real_data_floor
@@ -36,6 +38,9 @@ def run_featnet(cfg) -> dict:
     if dm.info.num_classes and dm.info.kind in ("image", "vector"):
         result.update(real_data_baselines(dm.split("train"), dm.split("test"), dm.info.kind, dm.info.num_classes,
                                           cfg.featnet, cfg.eval))
+        if dm.labelled is not None:  # data.labels_per_class: the baselines on the labelled examples alone
+            result.update(semi_supervised_baselines(dm.split("train"), torch.from_numpy(dm.labelled), dm.split("test"),
+                                                    dm.info.kind, dm.info.num_classes, cfg.featnet, cfg.eval))
     FEATNET_REPORT.parent.mkdir(exist_ok=True)
     FEATNET_REPORT.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result

@@ -140,6 +140,33 @@ def sample_tradeoff_figure(results, floor: dict) -> str:
     return _png(fig)
 
 
+def semi_supervised_section(results, floor: dict, labels_per_class) -> str:
+    """With `data.labels_per_class`: each family's own semi-supervised classifier against the supervised-only
+    baselines trained on the same labelled examples."""
+    semi = {f: r for f, r in results.items() if "semi_acc" in r["metrics"]}
+    if not semi:
+        return ""
+    best = max(semi, key=lambda f: semi[f]["metrics"]["semi_acc"])
+    rows = []
+    for f, r in semi.items():
+        m, mark = r["metrics"], ' class="best"' if f == best else ""
+        probe = f"{m['probe_acc_10']:.3f}" if "probe_acc_10" in m else "n/a"
+        rows.append(f"<tr><th>{html.escape(f)}</th><td style='text-align:left'>"
+                    f"{html.escape(r.get('semi_supervised_method') or '')}</td><td{mark}>{m['semi_acc']:.3f}</td>"
+                    f"<td>{probe}</td></tr>")
+    body = "".join(rows)
+    baselines = [f"{name} {floor[key]:.3f}" for key, name in
+                 (("semi_logreg_acc", "logistic regression on pixels"), ("semi_featnet_acc", "the featnet architecture"))
+                 if key in floor]
+    return (f"<h2>Semi-supervised learning: {labels_per_class} labels per class</h2><p>Each family trains its own "
+            "semi-supervised method on the same split: the labelled examples by their class, the others with the class "
+            "hidden. <i>semi-supervised acc</i> is the test accuracy of the family's classifier p(y | x); <i>probe acc "
+            "(10/class)</i> a logistic regression on its features from 10 labels per class. Supervised-only baselines on "
+            f"the same labelled examples: {', '.join(baselines) or 'n/a'}.</p><table><thead><tr><th>family</th>"
+            "<th>method</th><th>semi-supervised acc</th><th>probe acc (10/class)</th></tr></thead>"
+            f"<tbody>{body}</tbody></table>")
+
+
 def html_table(rows: Dict[str, dict]) -> str:
     cols = used_columns(rows)
     best = best_per_column(rows)
@@ -172,6 +199,7 @@ on the test split; <i>cond. sample acc</i> is the featnet's accuracy on samples 
 Vinyals 2019). The real-data row gives the discriminative baselines of the same budget: logistic regression on pixels, the
 featnet, and the CAS classifier trained on the real training set.</p>
 {table}
+{semi}
 <h2>Samples</h2><div class="grids">{grids}</div>
 {class_grids}
 {tradeoff}
@@ -204,7 +232,8 @@ def write_html(cfg, results, rows, histories, floor) -> Path:
     page = PAGE.format(dataset=html.escape(cfg.data.dataset), commit=tracking.git_commit(), table=html_table(rows),
                        grids=grids, curves=curves_figure(histories), roc=roc_figure(results),
                        config=html.escape(OmegaConf.to_yaml(cfg, resolve=True)), featnet_note=note,
-                       class_grids=class_grids, tradeoff=tradeoff)
+                       class_grids=class_grids, tradeoff=tradeoff,
+                       semi=semi_supervised_section(results, floor, cfg.data.labels_per_class))
     INDEX_HTML.write_text(page)
     return INDEX_HTML
 

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_modules.contract import ConfigError
+from lightning_modules.contract import UNLABELLED, ConfigError
 from lightning_modules.registry import FAMILIES, family_class
 from pipeline import tracking
 from pipeline.callbacks import BestSampleQuality, FailOnNonFiniteLoss, ReseedEachStep
@@ -36,10 +36,11 @@ def config_hash(cfg, family: str) -> str:
 
 def resolve_conditional(section: dict, info, train_labels) -> dict:
     """`conditional: auto` -> true when the data have labels and every class has training examples
-    (a held-out class has none), else false; an explicit true / false stays."""
+    (a held-out class has none; UNLABELLED is no class), else false; an explicit true / false stays."""
     if section.get("conditional", "auto") != "auto":
         return section
-    present = torch.unique(torch.as_tensor(train_labels)).numel() if info.num_classes else 0
+    labels = torch.as_tensor(train_labels)
+    present = torch.unique(labels[labels != UNLABELLED]).numel() if info.num_classes else 0
     return {**section, "conditional": bool(info.num_classes) and present == info.num_classes}
 
 
@@ -78,7 +79,7 @@ def train(cfg) -> Path:
     resume_ckpt, resume_run = _resume_point(cfg, family, model_dir)
 
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    dm = datamodule_for(cfg, cls)
+    dm = datamodule_for(cfg, cls, hide_unlabelled=True)  # a semi-supervised split's hidden labels are UNLABELLED
     train_y = dm.labels("train")  # the data itself is read inside the MLflow run (a bad file fails the run)
     model = build_model(cls, resolve_conditional(family_section(cfg, family), dm.info, train_y), dm.info)
     if model.conditional:

@@ -57,6 +57,19 @@ class ClassConditionalNormal(nn.Module):
         self.log_scale.copy_(torch.where(seen, std.log(), self.log_scale.double()))
         self.initialized.fill_(True)
 
+    @torch.no_grad()
+    def place(self, mean: Tensor, std: Tensor) -> None:
+        """Sets every class's mean (K, D) and a scale (D,) or (K, D), and marks the base initialised so the
+        data-dependent initialisation never runs (semi-supervised FlowGMM places it from labelled examples)."""
+        self.mean.copy_(mean.to(self.mean))
+        self.log_scale.copy_(std.log().to(self.log_scale).expand_as(self.log_scale))
+        self.initialized.fill_(True)
+
+    def freeze(self) -> None:
+        """Keeps the means and scales where they are (FlowGMM's fixed base: only T trains)."""
+        self.mean.requires_grad_(False)
+        self.log_scale.requires_grad_(False)
+
     def class_log_probs(self, z: Tensor) -> Tensor:
         """log p(z | y = c) for every class, (B, K)."""
         u = (z[:, None, :] - self.mean) * torch.exp(-self.log_scale)
