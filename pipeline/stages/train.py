@@ -84,8 +84,6 @@ def train(cfg) -> Path:
     model = build_model(cls, resolve_conditional(family_section(cfg, family), dm.info, train_y), dm.info)
     if model.conditional:
         model.set_class_prior(train_y)
-    if cls.needs_init_data:
-        model.provide_init_data(dm.split("train")[0], train_y)
 
     tracking.ensure_store(tracking.tracking_uri(cfg), tracking.experiment_name(cfg))
     logger = ResumableMLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
@@ -115,6 +113,8 @@ def train(cfg) -> Path:
     fit_model = torch.compile(model) if cfg.trainer.compile else model
     start = time.perf_counter()
     with tracking.failing_marks_run(cfg, lambda: logger.run_id if trainer.is_global_zero else None):
+        if cls.needs_init_data:
+            model.provide_init_data(dm.split("train")[0], train_y)
         trainer.fit(fit_model, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
         if trainer.interrupted:
             raise GenzooError("training was interrupted")
