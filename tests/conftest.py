@@ -9,6 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests (Hypothesis): the fast suite draws a bounded number of examples; `HYPOTHESIS_PROFILE=slow`
+# (with `-m slow` or alone) draws many more. Derandomised, so a CI run is reproducible.
+settings.register_profile("fast", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("slow", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
