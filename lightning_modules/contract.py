@@ -16,7 +16,9 @@ distribution p(x, y) = p(x | y) p(y). `log_prob(x)` stays the marginal log sum_y
 
 Config: each family declares a `Config` dataclass that owns its defaults (params.yaml agrees with them,
 tests/test_config.py checks it). Enumerated choices are `Literal` types; `build_config` fills the
-defaults, rejects unknown keys and checks every choice, in this one place.
+defaults, rejects unknown keys and checks every choice, in this one place; ranges are checked in the
+Config's `__post_init__` (`require`, `require_range`), and settings that must fit the training set (no more
+mixture components than examples) in its optional `fits_data(TrainingSet)`, before any work starts.
 """
 from __future__ import annotations
 
@@ -75,6 +77,12 @@ class ConfigError(ValueError):
         self.key, self.message = key, message
 
 
+class TrainingDiverged(RuntimeError):
+    """Raised by a family, identically on every rank, when its training has failed for good (a GAN whose
+    discriminator won outright, or whose generator collapsed to one point): the train stage stops and ends
+    the run FAILED with the message, as it does for a non-finite loss, and writes no finished model."""
+
+
 def literal_choices(annotation) -> Optional[Tuple]:
     """The allowed values of a `Literal[...]` (or `Optional[Literal[...]]`) annotation, else None."""
     if typing.get_origin(annotation) is Literal:
@@ -100,6 +108,9 @@ def build_config(config_cls: type, values: Mapping[str, Any]):
         value = getattr(config, name)
         if choices is not None and value not in choices:
             raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}, not {value!r}")
+    # the fields every family has (`GenerativeModel.__init_subclass__`)
+    require_range(config, "max_epochs", low=1)
+    require_range(config, "seed", **SEED_RANGE)
     return config
 
 
@@ -107,6 +118,57 @@ def require(condition: bool, key: str, message: str) -> None:
     """A range check for a Config's `__post_init__`."""
     if not condition:
         raise ConfigError(key, message)
+
+
+# numpy's generators and Lightning's `seed_everything` take unsigned 32-bit seeds (Lightning replaces one
+# outside them by a random seed, with a warning)
+SEED_RANGE = {"low": 0, "high": 2**32 - 1}
+
+
+def out_of_range(value, low=None, high=None, *, low_open: bool = False, high_open: bool = False,
+                 optional: bool = False) -> Optional[str]:
+    """None where `value` is a finite number within the bounds (or None, where `optional`); else what is
+    allowed, as "must be >= 1, not 0" (a Config's `require_range` and the pipeline's own sections share it)."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return None
+    if low is not None and high is not None:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"{'>' if low_open else '>='} {low}"
+    elif high is not None:
+        allowed = f"{'<' if high_open else '<='} {high}"
+    else:
+        allowed = "a finite number"
+    return f"must be {allowed}{' or null' if optional else ''}, not {value!r}"
+
+
+def require_range(config, *keys: str, **bounds) -> None:
+    """A range check of numeric fields for a Config's `__post_init__`: each of `keys` is a finite number
+    within `bounds` (`out_of_range`'s keywords: low, high, low_open, high_open, optional)."""
+    for key in keys:
+        problem = out_of_range(getattr(config, key), **bounds)
+        if problem is not None:
+            raise ConfigError(key, problem)
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What a Config's optional `fits_data(training_set)` checks its settings against (through
+    `GenerativeModel.check_fits_data`, which the train stage calls before any work starts)."""
+
+    info: DataInfo
+    n_examples: int  # training examples
+    # a conditional model's training examples per class whose label is visible (else None), and the number
+    # whose label is hidden (UNLABELLED: semi-supervised training)
+    class_counts: Optional[Tuple[int, ...]] = None
+    n_unlabelled: int = 0
 
 
 # --- the base class -------------------------------------------------------------------------------
@@ -131,6 +193,10 @@ class GenerativeModel(pl.LightningModule):
     # Families initialised from the training set (k-means, data statistics): the pipeline hands it over
     # with `provide_init_data` before fitting, identically on every rank.
     needs_init_data: ClassVar[bool] = False
+    # Families with a discrete model of integer token sequences (`DataInfo.vocab_size`). The others model a
+    # density on a continuous space: fitted to token ids, their NLL would sit in the same column as a true
+    # discrete NLL without being one, so the pipeline refuses token data for them.
+    models_tokens: ClassVar[bool] = False
     # Families whose `sample` takes a `temperature` keyword.
     takes_temperature: ClassVar[bool] = False
     # What a conditional family trains when some training labels are UNLABELLED, in a few words with its
@@ -168,9 +234,16 @@ class GenerativeModel(pl.LightningModule):
             # the fraction of training examples whose label was visible (`set_class_prior`); below 1 the model
             # trained semi-supervised, which a family whose classifier then differs reads (`semi_supervised`)
             self.register_buffer("labelled_fraction", torch.ones((), dtype=torch.float64))
+        # the prepared data this model was trained on, {"dataset", "data_hash"} (the manifest's content hash):
+        # the train stage sets it, every checkpoint carries it, and a load for other data is refused
+        self.trained_on: Optional[Dict[str, str]] = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["genzoo_family"] = self.family  # lets `genzoo sample` load a bare checkpoint
+        checkpoint["genzoo_data"] = self.trained_on
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.trained_on = checkpoint.get("genzoo_data")
 
     # --- the contract -------------------------------------------------------------------------
     def sample(self, n: int, y: Optional[Tensor] = None) -> Tensor:
@@ -285,6 +358,28 @@ class GenerativeModel(pl.LightningModule):
         samples are already scored); each setting's FID, KID, precision and recall are logged as
         `<metric>_<suffix>`. Default: none."""
         return {}
+
+    def check_fits_data(self, train_labels: Tensor) -> None:
+        """Raises ConfigError naming the key where a setting asks more of the training set than it holds (a
+        mixture of more components than there are examples), so that the train stage, which calls this before
+        any work starts (and before its MLflow run opens), refuses it in one line instead of failing mid-fit.
+        `train_labels` (N,): the training labels as the model gets them (UNLABELLED where hidden). Default: the
+        Config's `fits_data(TrainingSet)`, where it defines one (an optional method, like `__post_init__`)."""
+        fits_data = getattr(self.config, "fits_data", None)
+        if fits_data is None:
+            return
+        counts, hidden = None, 0
+        if self.conditional:
+            y = torch.as_tensor(train_labels).long().cpu()
+            visible = y[y != UNLABELLED]
+            counts = tuple(int(c) for c in torch.bincount(visible, minlength=self.num_classes))
+            hidden = len(y) - len(visible)
+        fits_data(TrainingSet(self.info, len(train_labels), counts, hidden))
+
+    def nll_kind(self) -> Optional[LogProbKind]:
+        """The kind of this instance's `log_prob`, as evaluation reports it: the family's `log_prob_kind`,
+        unless a setting of the instance changes it (an RBM whose log Z is enumerated is exact)."""
+        return self.log_prob_kind
 
     @classmethod
     def has_log_prob(cls) -> bool:

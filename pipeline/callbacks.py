@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.errors import GenzooError
-from pipeline.evaluation.sample_metrics import fid_kid
+from pipeline.evaluation.sample_metrics import fid_metric
 
 
 def _seed_all(*key: int) -> None:
@@ -55,16 +55,21 @@ class FailOnNonFiniteLoss(pl.Callback):
 
 
 class BestSampleQuality(pl.Callback):
-    """Every `every_n_epochs`, FID of `n` fresh samples against `real` (the validation split), logged as
-    `val/fid`; the checkpoint with the best FID so far is saved to `best_path`. For the families that
-    declare `sample_quality_every_n_epochs`.
+    """Every `every_n_epochs` (and at the last epoch), FID of `n` fresh samples against `real` (the validation
+    split), logged as `val/fid`; the checkpoint with the best FID so far is saved to `best_path`. For the
+    families that declare `sample_quality_every_n_epochs`.
 
-    Runs on every rank (each rank's FID of its own samples, averaged across ranks), so every rank takes
-    the same save decision and no rank waits on another."""
+    The FID is a torchmetrics metric kept on the training device: each rank adds its share of the real split
+    (once) and of the `n` samples, and computing it sums the feature moments across ranks, so under DDP it is
+    the FID of all the samples pooled (not a mean of per-rank FIDs), the same number on every rank: every rank
+    takes the same save decision and no rank waits on another."""
 
-    def __init__(self, features: torch.nn.Module, real: torch.Tensor, best_path, every_n_epochs: int, n: int = 500):
-        self.features, self.real, self.best_path, self.every, self.n = features, real, best_path, every_n_epochs, n
+    def __init__(self, features: torch.nn.Module, real: torch.Tensor, best_path, every_n_epochs: int, n: int = 500,
+                 batch_size: int = 256):
+        self.fid = fid_metric(features, reset_real_features=False)  # the real moments survive reset()
+        self.real, self.best_path, self.every, self.n, self.batch_size = real, best_path, every_n_epochs, n, batch_size
         self.best = math.inf
+        self._real_added = False
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking:
@@ -72,15 +77,29 @@ class BestSampleQuality(pl.Callback):
         last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
         if (trainer.current_epoch + 1) % self.every and not last:
             return
-        with torch.no_grad():
-            fake = pl_module.sample(self.n).cpu()
-        self.features.to("cpu")
-        fid = fid_kid(self.features, self.real, fake)["fid"]
-        fid = float(trainer.strategy.reduce(torch.tensor(fid), reduce_op="mean"))
+        fid = self.pooled_fid(pl_module, trainer.global_rank, trainer.world_size)
         pl_module.log("val/fid", fid)
         if fid < self.best:
             self.best = fid
             trainer.save_checkpoint(self.best_path)
+
+    @torch.no_grad()
+    def pooled_fid(self, pl_module, rank: int, world_size: int) -> float:
+        """FID of this rank's share of `n` fresh samples and every other rank's, against the real split (each
+        rank holding every world_size-th real example): on every rank at once under DDP."""
+        device = pl_module.device
+        self.fid.to(device)
+        if not self._real_added:
+            for chunk in self.real[rank::world_size].split(self.batch_size):
+                self.fid.update(chunk.to(device), real=True)
+            self._real_added = True
+        share = self.n // world_size + (rank < self.n % world_size)
+        if share:
+            for chunk in pl_module.sample(share).split(self.batch_size):
+                self.fid.update(chunk.to(device), real=False)
+        fid = float(self.fid.compute())
+        self.fid.reset()  # the fakes go; the real moments stay
+        return fid
 
     def state_dict(self):
         return {"best": self.best}

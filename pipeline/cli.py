@@ -66,7 +66,7 @@ def cmd_report(cfg, args):
 def cmd_sample(cfg, args):
     from pipeline.stages.sample import sample_to_file
 
-    print(f"samples: {sample_to_file(args.model, args.n, args.output, args.temperature, args.label)}")
+    print(f"samples: {sample_to_file(args.model, args.n, args.output, args.temperature, args.label, cfg)}")
 
 
 def cmd_compare(cfg, args):
@@ -103,7 +103,8 @@ def _options_train(p):
 
 
 def _options_sample(p):
-    p.add_argument("--model", help="a checkpoint path or an MLflow model URI (runs:/<id>/model)")
+    p.add_argument("--model", help="a checkpoint path or an MLflow model URI (runs:/<id>/model); default: "
+                                   "the family=<name> model trained on the configured data")
     p.add_argument("-n", type=int, default=64, help="how many samples (default 64)")
     p.add_argument("-o", "--output", default="samples.png", help="output PNG, or .pt for the tensor")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature, for families that take one")

@@ -14,10 +14,10 @@ from typing import Any, List, Optional
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_modules.contract import ConfigError, build_config, literal_choices
+from lightning_modules.contract import SEED_RANGE, ConfigError, build_config, literal_choices, out_of_range
 from lightning_modules.registry import FAMILIES, family_config
 from pipeline.data.sources import validate_dataset_name
 from pipeline.errors import GenzooError
@@ -189,27 +189,118 @@ def _merge_checked(cfg: DictConfig, dotted: str, value) -> None:
         raise GenzooError(f"bad value {value!r} for config key '{dotted}': {str(e).splitlines()[0]}") from None
 
 
+def bad_value(key: str, message: str) -> GenzooError:
+    """The one error line of a bad config value: the key, what is allowed and the value."""
+    return GenzooError(f"bad value for config key '{key}': {message}")
+
+
+# The numeric keys of the fixed sections and their ranges (`contract.out_of_range`'s keywords). A key of a
+# fixed section is checked here, by a choice in `validate`, or by its type alone (booleans, free strings):
+# tests/test_config_values.py gives every key a bad value and expects it refused.
+RANGES = {
+    "data.seed": SEED_RANGE,
+    "data.val_fraction": dict(low=0, high=0.5, low_open=True, high_open=True),
+    "data.test_fraction": dict(low=0, high=0.5, low_open=True, high_open=True),
+    "data.toy_samples": dict(low=3),  # one example each for train, val and test at the least
+    "data.holdout_class": dict(low=0, optional=True),  # and a class of the dataset: `runtime.check_data_settings`
+    "data.labels_per_class": dict(low=1, optional=True),
+    "data.batch_size": dict(low=1),
+    "data.num_workers": dict(low=0),
+    "trainer.num_nodes": dict(low=1),
+    "trainer.max_epochs": dict(low=1, optional=True),
+    "trainer.seed": SEED_RANGE,
+    "trainer.log_every_n_steps": dict(low=1),
+    "featnet.max_epochs": dict(low=1),
+    "featnet.lr": dict(low=0, low_open=True),
+    "featnet.feature_dim": dict(low=1),
+    "featnet.batch_size": dict(low=1),
+    "eval.n_samples": dict(low=4),  # k-NN precision and recall: each sample's 3 nearest neighbours
+    "eval.batch_size": dict(low=1),
+    "eval.seed": SEED_RANGE,
+    "eval.kid_subset_size": dict(low=2),  # KID's unbiased estimate compares pairs within a subset
+    "eval.kid_subsets": dict(low=1),
+    "eval.grid_size": dict(low=1),
+}
+
+
+def _trainer_choices() -> dict:
+    """What Lightning's Trainer accepts for accelerator, strategy and precision (its registries and its
+    `precision` annotation), so that a typo is refused before any work instead of mid-stage."""
+    import inspect
+
+    from pytorch_lightning import Trainer
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    def literals(annotation):
+        if typing.get_origin(annotation) is typing.Literal:
+            return [str(a) for a in typing.get_args(annotation)]
+        return [v for a in typing.get_args(annotation) for v in literals(a)]
+
+    precision = inspect.signature(Trainer.__init__).parameters["precision"].annotation
+    return {
+        "accelerator": ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())],
+        "strategy": ["auto", *StrategyRegistry.available_strategies()],
+        "precision": list(dict.fromkeys(literals(precision))),
+    }
+
+
+def _devices_ok(devices) -> bool:
+    """Lightning's `devices`: a count (-1: all), "auto", a list of device indices, or those as a string
+    ("2", "0,1", "0,")."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            indices = [d.strip() for d in text.split(",") if d.strip()]
+            return bool(indices) and all(d.isdigit() for d in indices)
+        return text in ("auto", "-1") or (text.isdigit() and int(text) >= 1)
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    return isinstance(devices, int) and not isinstance(devices, bool) and (devices == -1 or devices >= 1)
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise bad_value(key, f"must be one of {', '.join(map(str, choices))}, not {value!r}")
+
+
 def validate(cfg: DictConfig) -> None:
-    for fam in list(cfg.families) + ([cfg.family] if cfg.family else []):
-        if fam not in FAMILIES:
-            raise GenzooError(f"unknown family '{fam}' (choices: {', '.join(FAMILIES)})")
+    """Every value before any work starts: choices, ranges, and the settings that depend on one another.
+    What must fit the prepared data (a class to hold out, mixture components per training example) is
+    checked where the data are read: `runtime.check_data_settings`, `GenerativeModel.check_fits_data`."""
+    for fam in cfg.families:
+        _check_choice("families", fam, FAMILIES)
+    if not cfg.families or len(set(cfg.families)) < len(cfg.families):
+        raise bad_value("families", f"must list families without repeats, not {list(cfg.families)}")
+    if cfg.family is not None:
+        _check_choice("family", cfg.family, FAMILIES)
     for fam in FAMILIES:  # choices and ranges, checked by the family's own Config
         try:
             build_config(family_config(fam), family_section(cfg, fam))
         except ConfigError as e:
-            raise GenzooError(f"bad value for config key '{fam}.{e.key}': {e.message}") from None
+            raise bad_value(f"{fam}.{e.key}", e.message) from None
     validate_dataset_name(cfg.data.dataset)
-    if cfg.eval.fid.features not in ("featnet", "inception"):
-        raise GenzooError(f"eval.fid.features must be featnet or inception, not '{cfg.eval.fid.features}'")
+    for key, bounds in RANGES.items():
+        problem = out_of_range(OmegaConf.select(cfg, key), **bounds)
+        if problem is not None:
+            raise bad_value(key, problem)
+    d = cfg.data
+    n_val, n_test = round(d.toy_samples * d.val_fraction), round(d.toy_samples * d.test_fraction)
+    if d.dataset.startswith("toy2d:") and min(n_val, n_test, d.toy_samples - n_val - n_test) < 1:
+        raise bad_value("data.toy_samples", f"must leave at least one example for each of train, val and test "
+                                            f"(with val_fraction {d.val_fraction}, test_fraction {d.test_fraction}), "
+                                            f"not {d.toy_samples}")
+    choices = _trainer_choices()
+    for key in ("accelerator", "strategy", "precision"):
+        _check_choice(f"trainer.{key}", cfg.trainer[key], choices[key])
+    devices = cfg.trainer.devices
+    if not _devices_ok(devices):
+        shown = OmegaConf.to_container(devices) if isinstance(devices, ListConfig) else devices
+        raise bad_value("trainer.devices", f"must be a count >= 1, -1 (all), auto, or a list of device indices, not {shown!r}")
+    _check_choice("eval.fid.features", cfg.eval.fid.features, ("featnet", "inception"))
     if cfg.eval.fid.features == "inception" and not cfg.eval.fid.inception_weights:
-        raise GenzooError("eval.fid.features=inception needs eval.fid.inception_weights (a local weights file)")
-    for key in ("val_fraction", "test_fraction"):
-        v = cfg.data[key]
-        if not 0 < v < 0.5:
-            raise GenzooError(f"data.{key} must be in (0, 0.5), got {v}")
-    per_class = cfg.data.labels_per_class
-    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
-        raise GenzooError(f"data.labels_per_class must be a positive integer or null, got {per_class!r}")
+        raise bad_value("eval.fid.inception_weights", "must name a local InceptionV3 weights file when "
+                                                      "eval.fid.features=inception, not null")
 
 
 def require_family(cfg: DictConfig) -> str:

@@ -1,7 +1,13 @@
 """Every path the stages read or write, in one place (dvc.yaml names the same ones)."""
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from pathlib import Path
+from typing import Callable, Union
+
+from pipeline.errors import GenzooError
 
 REPORTS = Path("reports")
 FEATNET_REPORT = REPORTS / "featnet.json"  # featnet accuracy and the real-data floor
@@ -37,3 +43,75 @@ def samples_png(family: str) -> Path:
 def class_samples_png(family: str) -> Path:
     """One row of samples per requested class."""
     return REPORTS / "samples" / f"{family}_by_class.png"
+
+
+# --- writing: atomically -----------------------------------------------------------------------------
+def write_atomic(path: Union[str, Path], write: Callable, mode: str = "wb") -> None:
+    """`write(f)` into a temporary file beside `path`, fsync it, then rename it over `path` (and fsync the
+    folder): a reader, or the next run, finds the old file or the new one, never a part of one. A failed
+    write (a full disk, a size limit) leaves the old file as it was and is one error line naming both."""
+    path, tmp = Path(path), None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would have made it (mkstemp's is 0600)
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        _remove(tmp)
+        cause = _os_error(e)  # torch.save reports a failed write as a RuntimeError raised while handling it
+        if cause is None:
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        reason = cause.strerror or os.strerror(cause.errno or errno.EIO)
+        raise GenzooError(f"cannot write {path}: {reason} (errno {cause.errno}); {kept}") from None
+    try:  # the rename itself survives a crash once the folder's entry is on disk
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def copy_atomic(src: Union[str, Path], dst: Union[str, Path]) -> None:
+    """`src` copied to `dst` with `write_atomic`."""
+    import shutil
+
+    with open(src, "rb") as source:
+        write_atomic(dst, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+
+
+def _os_error(e: BaseException):
+    """The OSError with an errno in `e` or the exceptions it was raised from or while handling, else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path) -> None:
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

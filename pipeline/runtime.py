@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from lightning_modules.contract import ConfigError
 from pipeline.data.datamodule import PreparedDataModule
 from pipeline.errors import GenzooError
-from pipeline.paths import prepared_dir
+from pipeline.paths import prepared_dir, write_atomic
 
 
 def datamodule_for(cfg, cls=None, batch_size=None, hide_unlabelled=False) -> PreparedDataModule:
@@ -22,11 +24,33 @@ def datamodule_for(cfg, cls=None, batch_size=None, hide_unlabelled=False) -> Pre
     dm = PreparedDataModule(prepared_dir(cfg.data), batch_size=batch_size or cfg.data.batch_size, seed=cfg.trainer.seed,
                             num_workers=cfg.data.num_workers, fixed_train_noise=exact, exact_sharding=exact,
                             hide_unlabelled=hide_unlabelled)
-    fetched = dm.manifest.get("labels_per_class")
-    if fetched != cfg.data.labels_per_class:
-        raise GenzooError(f"data.labels_per_class={cfg.data.labels_per_class} but {dm.folder} was fetched with "
-                          f"labels_per_class={fetched}: run `genzoo fetch` (or `dvc repro`) first")
+    check_data_settings(cfg, dm.manifest, dm.folder)
     return dm
+
+
+def check_data_settings(cfg, manifest: dict, folder: Path) -> None:
+    """The `data` settings that must fit the prepared data, before any work: a held-out class is a class of
+    the dataset, and the folder was fetched with the configured hold-out and labelled subset."""
+    holdout, classes = cfg.data.holdout_class, manifest["info"].get("num_classes")
+    if holdout is not None and not (classes and 0 <= holdout < classes):
+        allowed = f"a class of {manifest['dataset']} (0 to {classes - 1}) or null" if classes else \
+            f"null ({manifest['dataset']} has no labels)"
+        raise GenzooError(f"bad value for config key 'data.holdout_class': must be {allowed}, not {holdout}")
+    for key in ("holdout_class", "labels_per_class"):
+        fetched = manifest.get(key)
+        if fetched != cfg.data[key]:
+            raise GenzooError(f"data.{key}={cfg.data[key]} but {folder} was fetched with {key}={fetched}: "
+                              "run `genzoo fetch` (or `dvc repro`) first")
+
+
+def check_fits_data(model, train_labels) -> None:
+    """The family's settings that must fit the training set (no more mixture components than examples:
+    `GenerativeModel.check_fits_data`), as one error line naming the key; the train stage calls it before
+    its MLflow run opens."""
+    try:
+        model.check_fits_data(train_labels)
+    except ConfigError as e:
+        raise GenzooError(f"bad value for config key '{model.family}.{e.key}': {e.message}") from None
 
 
 def build_trainer(cfg, max_epochs: int, default_root_dir: Path, **kwargs) -> pl.Trainer:
@@ -39,12 +63,27 @@ def build_trainer(cfg, max_epochs: int, default_root_dir: Path, **kwargs) -> pl.
         precision=t.precision, max_epochs=t.max_epochs or max_epochs, deterministic=t.deterministic,
         log_every_n_steps=t.log_every_n_steps, default_root_dir=str(default_root_dir),
         enable_progress_bar=sys.stdout.isatty(), enable_model_summary=False, num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
     )
     try:
         return pl.Trainer(**{**args, **kwargs})
     except (ValueError, MisconfigurationException) as e:  # e.g. fsdp on a CPU, devices=3 with 2 GPUs
         raise GenzooError(f"trainer settings (trainer.accelerator={t.accelerator}, trainer.devices={t.devices}, "
                           f"trainer.strategy={t.strategy}): {str(e).splitlines()[0]}") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writes (`last.ckpt`, `trainer.save_checkpoint`) made atomic on a local disk: the
+    bytes go to a temporary file in the checkpoint's own folder, fsynced, then renamed over it
+    (`paths.write_atomic`). Lightning's own save goes through a temporary file in the system temp folder and
+    then copies it over the old checkpoint wherever that folder is on another file system, so a full disk
+    there could leave a truncated checkpoint in place of the last good one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
 
 
 def quiet_lightning() -> None:

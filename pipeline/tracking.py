@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
+
+from pipeline.errors import GenzooError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_FILE = "mlflow_run.json"
@@ -21,6 +24,8 @@ def quiet_telemetry() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    if not sys.stderr.isatty():  # MLflow's download bars: progress only on a terminal
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def default_tracking_uri(cwd: Optional[Path] = None) -> str:
@@ -85,10 +90,15 @@ def ensure_store(uri: str, experiment: str) -> None:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow resets it on import: no table-creation chatter
     path = Path(uri[len("sqlite:///"):])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(f"{path}.lock", "a")
+    except OSError as e:  # e.g. no lock file yet, in a read-only folder
+        raise GenzooError(_unwritable(uri, f"{e.strerror or e}: {e.filename}")) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            check_writable(uri)
             c = mlflow.MlflowClient(uri)  # creates and migrates the tables when they are missing
             if c.get_experiment_by_name(experiment) is None:
                 c.create_experiment(experiment)
@@ -96,13 +106,94 @@ def ensure_store(uri: str, experiment: str) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _unwritable(uri: str, why: str) -> str:
+    return (f"the MLflow store {uri} cannot be written ({why}): make the file and its folder writable, or point "
+            "tracking.uri (or MLFLOW_TRACKING_URI) at another store")
+
+
+def check_writable(uri: str) -> None:
+    """A write to a sqlite store, rolled back, before any run opens: a read-only `mlflow.db` (or folder, or a
+    full disk) is then one error line naming the store, not a traceback from the middle of training."""
+    import sqlite3
+
+    path = Path(uri[len("sqlite:///"):])
+    if not path.exists():  # MLflow creates it: the folder must take a new file
+        if not os.access(path.parent, os.W_OK):
+            raise GenzooError(_unwritable(uri, f"cannot create files in {path.parent}"))
+        return
+    try:
+        con = sqlite3.connect(path, timeout=60)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE genzoo_write_probe (x INTEGER)")  # a page to write: the journal must open
+        finally:
+            con.rollback()
+            con.close()
+    except sqlite3.Error as e:
+        raise GenzooError(_unwritable(uri, str(e))) from None
+
+
 def write_run_file(model_dir: Path, run_id: str, experiment_id: str, uri: str) -> None:
-    (model_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}) + "\n")
+    from pipeline.paths import write_text_atomic
+
+    write_text_atomic(model_dir / RUN_FILE, json.dumps({"run_id": run_id, "experiment_id": experiment_id,
+                                                         "tracking_uri": uri}) + "\n")
 
 
 def read_run_file(model_dir: Path) -> Optional[dict]:
     path = model_dir / RUN_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+EVALUATED_TAG = "genzoo.evaluated_step"
+
+
+def _same_value(old: float, new: float) -> bool:
+    """A metric value as the store gave it back against a freshly computed one (MLflow keeps NaN, and stores
+    an infinity as the largest float)."""
+    import math
+
+    new = float(new)
+    if math.isnan(new) or math.isnan(old):
+        return math.isnan(new) and math.isnan(old)
+    if math.isinf(new):
+        return abs(old) >= 1e308 and (old > 0) == (new > 0)
+    return math.isclose(old, new, rel_tol=1e-9, abs_tol=0.0)
+
+
+def log_evaluation(cfg, run_id: str, metrics: dict, volatile=()) -> int:
+    """Log an evaluation's metrics into the run once, at the evaluation's step (returned); `mark_evaluated`
+    records the step when the whole evaluation is done.
+
+    MLflow appends to a metric's history and cannot take a value out of it, so an evaluation killed after
+    its metrics were logged would, rerun, log every one twice. Here the run's newest step whose evaluation
+    never finished is taken up again when the metrics it holds equal the recomputed ones (a seeded evaluation
+    of the same model: `volatile` keys, timings, are not compared) and only the missing ones are logged.
+    Anything else (an evaluation that finished, other values) is a new evaluation at the next step, so a
+    (metric, step) pair is never logged twice and each metric's latest value is the latest evaluation's."""
+    import time
+
+    from mlflow.entities import Metric
+
+    c = client(cfg)
+    run = c.get_run(run_id)
+    history = {k: c.get_metric_history(run_id, k) for k in metrics if k in run.data.metrics}
+    last = max((m.step for h in history.values() for m in h), default=-1)
+    at_last = {k: [m.value for m in h if m.step == last] for k, h in history.items()}
+    unfinished = last >= 0 and run.data.tags.get(EVALUATED_TAG) != str(last)
+    same = all(_same_value(v, metrics[k]) for k, values in at_last.items() if k not in volatile for v in values)
+    if unfinished and same:
+        step, fresh = last, {k: v for k, v in metrics.items() if not at_last.get(k)}
+    else:
+        step, fresh = last + 1, dict(metrics)
+    now = int(time.time() * 1000)
+    if fresh:
+        c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(fresh.items())])
+    return step
+
+
+def mark_evaluated(cfg, run_id: str, step: int) -> None:
+    client(cfg).set_tag(run_id, EVALUATED_TAG, str(step))
 
 
 def mark_failed(cfg, run_id: Optional[str], reason: str) -> None:
@@ -119,8 +210,10 @@ def failing_marks_run(cfg, run_id_getter):
     try:
         yield
     except BaseException as e:
-        reason = f"{type(e).__name__}: {e}"
+        lines = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {lines[0] if lines else ''}"  # one line; a traceback has the rest
         try:
             mark_failed(cfg, run_id_getter(), reason)
-        finally:
-            raise
+        except Exception:  # a store that cannot take the mark (full, read-only): the first error is the one to show
+            pass
+        raise

@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
@@ -70,6 +71,17 @@ def test_manifest_records_what_was_written(digits_folder):
     parts = [(np.load(digits_folder / f"{s}_x.npy"), np.load(digits_folder / f"{s}_y.npy")) for s in ("train", "val", "test")]
     got = rows(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     assert got == rows(d.images.astype(np.int64), d.target.astype(np.int64))
+
+
+def test_each_split_gets_its_own_dequantisation_noise(digits_folder):
+    dm = PreparedDataModule(digits_folder)
+    noise = {s: (dm.split(s)[0] * 17 - dm.raw(s)[0].float()).flatten() for s in ("train", "val", "test")}
+    n = len(noise["val"])
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):  # example i's noise differs across splits
+        assert abs(float(np.corrcoef(noise[a][:n], noise[b][:n])[0, 1])) < 0.02
+    assert all(float(u.min()) > -1e-5 and float(u.max()) < 1 + 1e-5 for u in noise.values())
+    assert torch.equal(dm.split("test")[0], PreparedDataModule(digits_folder).split("test")[0])  # and fixed
+    assert not torch.equal(dm.split("test")[0], PreparedDataModule(digits_folder, seed=1).split("test")[0])
 
 
 def test_corrupt_prepared_file_is_named(digits_folder, tmp_path):

@@ -289,6 +289,12 @@ def test_ais_matches_exact_log_z_on_trained_rbm(trained):
     assert ais.log_z == pytest.approx(float(model.log_z), abs=0.1)
 
 
+def test_nll_kind_is_the_instance_s(trained):
+    assert trained["model"].nll_kind() == "exact"  # log Z enumerated
+    assert random_rbm(4, 3, "bernoulli", exact_max_hidden=2).nll_kind() == "estimate"  # AIS
+    assert random_rbm(4, 3, "bernoulli", exact_max_hidden=3).nll_kind() == "exact"
+
+
 def test_cd_training_beats_untrained_and_independent_pixels(trained):
     model, untrained, train, val = trained["model"], trained["untrained"], trained["train"], trained["val"]
     bits = (val.flatten(1) > 0.5).double()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lightning_modules.common.ema import ema_decay_at, ema_update_
 from lightning_modules.common.nets import evaluating
-from lightning_modules.contract import UNLABELLED, Conditional, GenerativeModel, require
+from lightning_modules.contract import UNLABELLED, Conditional, GenerativeModel, out_of_range, require, require_range
 from lightning_modules.diffusion import samplers
 from lightning_modules.diffusion.bound import diffusion_term_at, endpoint_terms
 from lightning_modules.diffusion.denoisers import ResidualMLP, UNet
@@ -76,18 +76,17 @@ class Diffusion(GenerativeModel):
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
         def __post_init__(self):
-            require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), not {self.ema_decay}")
-            require(0.0 <= self.label_dropout < 1.0, "label_dropout", f"must be in [0, 1), not {self.label_dropout}")
-            require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), not {self.dropout}")
+
+            require_range(self, "ema_decay", "label_dropout", "dropout", low=0, high=1, high_open=True)
+            require_range(self, "log_snr_max", "log_snr_min", "encode_log_snr")  # finite
             require(self.log_snr_max > self.log_snr_min, "log_snr_max",
                     f"must exceed log_snr_min ({self.log_snr_min}), not {self.log_snr_max}")
-            for key in ("sample_steps", "latent_steps", "bound_samples", "channels", "width", "blocks"):
-                require(getattr(self, key) >= 1, key, f"must be >= 1, not {getattr(self, key)}")
-            require(self.lr > 0, "lr", f"must be > 0, not {self.lr}")
-            require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, not {self.warmup_steps}")
-            require(self.classifier_weight >= 0, "classifier_weight", f"must be >= 0, not {self.classifier_weight}")
-            require(self.guidance >= -1, "guidance", f"must be >= -1 (-1: the unconditional model), not {self.guidance}")
-            require(all(w >= -1 for w in self.guidance_sweep), "guidance_sweep", "every scale must be >= -1")
+            require_range(self, "sample_steps", "latent_steps", "bound_samples", "channels", "width", "blocks", low=1)
+            require_range(self, "lr", low=0, low_open=True)
+            require_range(self, "warmup_steps", "classifier_weight", low=0)
+            require_range(self, "guidance", low=-1)  # -1: the unconditional model
+            require(all(out_of_range(w, low=-1) is None for w in self.guidance_sweep), "guidance_sweep",
+                    f"every scale must be >= -1, not {list(self.guidance_sweep)}")
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)

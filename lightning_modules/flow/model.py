@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.contract import UNLABELLED, Conditional, GenerativeModel, require
+from lightning_modules.contract import UNLABELLED, Conditional, GenerativeModel, require_range
 from lightning_modules.flow.transforms import (
     ActNorm, AffineCoupling, ClassConditionalNormal, Flatten, InvertibleConv1x1, Logit, MaskedAffineAutoregressive,
     NormalizingFlow, Sequential, Split, Squeeze, StandardNormal, Transform, channel_mask, checkerboard_mask,
@@ -105,7 +105,11 @@ class Flow(GenerativeModel):
         semi_learn_base: bool = True
 
         def __post_init__(self):
-            require(self.labelled_weight > 0, "labelled_weight", "must be positive")
+
+            require_range(self, "scales", "steps_per_scale", "hidden_channels", "vector_steps", "hidden_features", low=1)
+            require_range(self, "lr", "labelled_weight", low=0, low_open=True)
+            require_range(self, "weight_decay", low=0)
+            require_range(self, "logit_alpha", low=0, high=0.5, high_open=True)  # x -> logit(alpha + (1 - 2 alpha) x)
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from lightning_modules.common.ema import ema_decay_at, ema_update_
 from lightning_modules.common.nets import evaluating
-from lightning_modules.contract import UNLABELLED, Conditional, ConfigError, GenerativeModel, require
+from lightning_modules.contract import (UNLABELLED, Conditional, ConfigError, GenerativeModel,
+                                        TrainingDiverged, require_range)
 from lightning_modules.gan.losses import (class_feature_matching, class_responsibilities, feature_matching, gan_loss,
                                           k_plus_one_discriminator)
 from lightning_modules.gan.nets import build_pair
@@ -84,13 +85,22 @@ class GAN(GenerativeModel):
         objective: Literal["auto", "projection", "k_plus_one"] = "auto"
         g_class_fm: float = 1.0  # (K+1): weight of G's per-class feature matching (keeps G(z, y) of class y)
         g_class_weight: float = 0.0  # (K+1): weight of D's cross-entropy on (G(z, y), y) in G's loss
+        # divergence (`collapse_epochs` epochs in a row ends training FAILED; 0: never): D won outright, its
+        # epoch-mean loss below `collapse_d_loss` (adversarial objectives: the (K+1) one's G does not try to
+        # fool D), or mode collapse, G's samples spread across the batch below `collapse_std` x the data's
+        collapse_epochs: int = 10
+        collapse_d_loss: float = 0.01
+        collapse_std: float = 0.001
 
         def __post_init__(self):
-            require(self.n_critic >= 1, "n_critic", f"must be >= 1, not {self.n_critic}")
-            require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), not {self.ema_decay}")
-            require(self.fid_every_n_epochs >= 1, "fid_every_n_epochs", f"must be >= 1, not {self.fid_every_n_epochs}")
-            require(self.g_class_fm >= 0, "g_class_fm", f"must be >= 0, not {self.g_class_fm}")
-            require(self.g_class_weight >= 0, "g_class_weight", f"must be >= 0, not {self.g_class_weight}")
+
+            require_range(self, "latent_dim", "width", "mlp_layers", low=1)
+            require_range(self, "lr_g", "lr_d", low=0, low_open=True)
+            require_range(self, "beta1_g", "beta2_g", "beta1_d", "beta2_d", low=0, high=1, high_open=True)  # Adam's
+            require_range(self, "n_critic", "fid_every_n_epochs", low=1)
+            require_range(self, "ema_decay", low=0, high=1, high_open=True)  # 0: sample from G itself
+            require_range(self, "g_class_fm", "g_class_weight", low=0)
+            require_range(self, "collapse_epochs", "collapse_d_loss", "collapse_std", low=0)  # 0 epochs: never
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -109,6 +119,8 @@ class GAN(GenerativeModel):
             self.register_buffer("k_plus_one", torch.tensor(self.config.objective == "k_plus_one"))
         elif self.config.objective == "k_plus_one":
             raise ConfigError("objective", "k_plus_one needs a conditional model (labelled data)")
+        self._epoch_stats: Optional[Tensor] = None  # this epoch's (sum of D loss, fake spread, real spread, batches)
+        self.collapse_streak = {"d_won": 0, "mode_collapse": 0}  # epochs in a row; kept in checkpoints
 
     # --- the contract -------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,9 +154,15 @@ class GAN(GenerativeModel):
         super().set_class_prior(y)
         self.resolve_objective(bool((torch.as_tensor(y) == UNLABELLED).any()), reset=True)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["genzoo_gan_collapse_streak"] = dict(self.collapse_streak)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.conditional:  # a checkpoint from before the (K+1) objective trained the projection one
             checkpoint["state_dict"].setdefault("k_plus_one", torch.tensor(False))
+        self.collapse_streak.update(checkpoint.get("genzoo_gan_collapse_streak", {}))
 
     def anomaly_score(self, x: Tensor) -> Tensor:
         if self.conditional and bool(self.k_plus_one):  # -logit of D(x) = Z / (Z + 1): -log Z
@@ -256,6 +274,7 @@ class GAN(GenerativeModel):
                   else self.discriminator_loss(x, fake, y, y_fake))
         loss_d = self._optimizer_step(opt_d, loss_d)
         self.d_steps += 1
+        self._track_collapse(loss_d, x, fake)
         # train/loss is D's loss, the same quantity as val/loss: their gap shows D overfitting
         self.log("train/loss_d", loss_d, **log)
         self.log("train/loss", loss_d, **log)
@@ -268,6 +287,50 @@ class GAN(GenerativeModel):
             if self.generator_ema is not None:
                 self.g_steps += 1
                 ema_update_(self.generator_ema, self.generator, ema_decay_at(self.config.ema_decay, int(self.g_steps)))
+
+    # --- divergence --------------------------------------------------------------------------------
+    @staticmethod
+    def spread(x: Tensor) -> Tensor:
+        """How far a batch's examples are from one another: each feature's std across the batch, averaged."""
+        return x.detach().flatten(1).float().std(0).mean()
+
+    def _track_collapse(self, loss_d: Tensor, real: Tensor, fake: Tensor) -> None:
+        """Adds this step's D loss and the spreads of its fakes and real batch to the epoch's sums (a few
+        reductions over a batch the step already holds; on the training device, no synchronisation)."""
+        if len(real) < 2:
+            return
+        stats = torch.stack([loss_d.float(), self.spread(fake), self.spread(real), torch.ones((), device=real.device)])
+        self._epoch_stats = stats if self._epoch_stats is None else self._epoch_stats + stats
+
+    def on_train_epoch_end(self) -> None:
+        """Logs the epoch's `train/sample_spread` (G's spread / the data's) and raises TrainingDiverged once D
+        has won, or G collapsed, `collapse_epochs` epochs in a row. The sums are added across ranks first, so
+        every rank takes the same decision."""
+        stats = self._epoch_stats if self._epoch_stats is not None else torch.zeros(4, device=self.device)
+        self._epoch_stats = None
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        if float(stats[3]) == 0:
+            return
+        d_loss, fake_spread, real_spread = (stats[:3] / stats[3]).tolist()
+        ratio = fake_spread / real_spread if real_spread > 0 else float("inf")
+        self.log("train/sample_spread", ratio, on_step=False, on_epoch=True)
+        c = self.config
+        adversarial = not (self.conditional and bool(self.k_plus_one))  # (K+1): G does feature matching
+        s = self.collapse_streak
+        s["mode_collapse"] = s["mode_collapse"] + 1 if ratio < c.collapse_std else 0
+        s["d_won"] = s["d_won"] + 1 if adversarial and d_loss < c.collapse_d_loss else 0
+        if c.collapse_epochs <= 0:
+            return
+        epoch = self.trainer.current_epoch
+        if s["mode_collapse"] >= c.collapse_epochs:
+            raise TrainingDiverged(
+                f"gan: mode collapse at epoch {epoch}: the generator's samples spread {ratio:.3g} x the data's, below "
+                f"gan.collapse_std={c.collapse_std}, for {s['mode_collapse']} epochs in a row (gan.collapse_epochs)")
+        if s["d_won"] >= c.collapse_epochs:
+            raise TrainingDiverged(
+                f"gan: the discriminator won at epoch {epoch}: its mean loss {d_loss:.3g} stayed below "
+                f"gan.collapse_d_loss={c.collapse_d_loss} for {s['d_won']} epochs in a row (gan.collapse_epochs), "
+                f"so the generator learns nothing more")
 
     def validation_step(self, batch, batch_idx):
         x, y = self.real_batch(batch)

@@ -26,7 +26,7 @@ from lightning_modules.common.gaussian import (CovarianceType, estimate_gaussian
                                                n_covariance_parameters, precision_cholesky, sample_gaussians,
                                                sufficient_statistics, unit_covariances)
 from lightning_modules.common.kmeans import kmeans_responsibilities
-from lightning_modules.contract import Conditional, require
+from lightning_modules.contract import Conditional, TrainingSet, require, require_range
 
 
 class GMM(EMModel):
@@ -54,7 +54,26 @@ class GMM(EMModel):
         class_components: int = 1
 
         def __post_init__(self):
-            require(self.class_components >= 1, "class_components", "must be at least 1")
+
+            require_range(self, "n_components", "class_components", "init_subsample", low=1)
+            require_range(self, "kmeans_iters", low=0)  # 0: the k-means++ seeds alone
+            require_range(self, "reg_covar", "tol", low=0)
+            require_range(self, "semi_reg_covar", low=0, optional=True)
+
+        def fits_data(self, data: TrainingSet) -> None:
+            """k-means starts the mixture (conditional: each class's block) from distinct training examples,
+            at least one per component."""
+            if data.class_counts is None:
+                require(self.n_components <= data.n_examples, "n_components",
+                        f"must be <= {data.n_examples} (the training examples), not {self.n_components}")
+                require(self.init_subsample >= self.n_components, "init_subsample",
+                        f"must be >= {self.n_components} (n_components: k-means starts each component from one of "
+                        f"these examples), not {self.init_subsample}")
+            elif not data.n_unlabelled:  # semi-supervised: the unlabelled examples' guessed classes count too
+                fewest = min(range(len(data.class_counts)), key=data.class_counts.__getitem__)
+                require(self.class_components <= data.class_counts[fewest], "class_components",
+                        f"must be <= {data.class_counts[fewest]} (the training examples of class {fewest}, the "
+                        f"fewest), not {self.class_components}")
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)

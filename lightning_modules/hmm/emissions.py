@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lightning_modules.common.class_blocks import grouped_kmeans_responsibilities
 from lightning_modules.common.em import DTYPE
-from lightning_modules.common.gaussian import (covariance_shape, estimate_gaussians, gaussian_log_prob,
+from lightning_modules.common.gaussian import (estimate_gaussians, gaussian_log_prob,
                                                n_covariance_parameters, precision_cholesky, sample_gaussians,
-                                               sufficient_statistics)
+                                               sufficient_statistics, unit_covariances)
 from lightning_modules.common.kmeans import kmeans_responsibilities
 
 
@@ -29,7 +30,9 @@ class GaussianEmission(nn.Module):
         super().__init__()
         self.covariance_type, self.reg_covar, self.kmeans_iters = covariance_type, reg_covar, kmeans_iters
         self.register_buffer("means", torch.zeros(n_states, dim, dtype=DTYPE))
-        self.register_buffer("prec_chol", torch.ones(covariance_shape(n_states, dim, covariance_type), dtype=DTYPE))
+        # identity covariances, whose precision Cholesky factor is the identity too: a normalised density
+        # before `initialize` (an all-ones "full" factor would be singular and not a density)
+        self.register_buffer("prec_chol", unit_covariances(n_states, dim, covariance_type).to(DTYPE))
 
     def n_parameters(self) -> int:
         n, d = self.means.shape
@@ -90,20 +93,21 @@ class CategoricalEmission(nn.Module):
 
     def initialize(self, x: Tensor, seed: int, groups: Optional[Tensor] = None,
                    states: Optional[List[Tensor]] = None) -> None:
-        """The smoothed unigram distribution (in groups: of the group's frames, for its states), each
-        state's copy jittered by U(0.5, 1.5) to break symmetry."""
-        g = torch.Generator().manual_seed(seed)
-        vocab = self.probs.shape[1]
-        if groups is None:
-            unigram = torch.bincount(x.cpu(), minlength=vocab).to(DTYPE) + 1.0
-        else:  # the (group, token) counts, each group's row for each of its states
+        """Seeded random rows that break the symmetry between states: Dirichlet(1) rows, as hmmlearn's
+        CategoricalHMM starts (in groups: the smoothed unigram of the group's frames, each of its states'
+        copies multiplied by its own Dirichlet(1) draw, so a class's or a segment's states start apart but
+        from its own tokens). Copies of one unigram jittered by U(0.5, 1.5), with uniform transitions, start
+        next to the saddle of the i.i.d. unigram model (see `HMM._random_transitions`)."""
+        rng = np.random.default_rng([seed, 0])  # the emissions' stream ([seed, 1]: the HMM's transitions)
+        n, vocab = self.probs.shape
+        probs = torch.from_numpy(rng.standard_exponential((n, vocab)))  # normalised: Dirichlet(1) rows
+        if groups is not None:  # the (group, token) counts, each group's row for each of its states
             pairs = groups.cpu() * vocab + x.cpu()
             counts = torch.bincount(pairs, minlength=len(states) * vocab).view(len(states), vocab).to(DTYPE) + 1.0
             unigram = torch.empty(self.probs.shape, dtype=DTYPE)
             for group, cols in enumerate(states):
                 unigram[cols] = counts[group]
-        jitter = torch.rand(self.probs.shape, generator=g, dtype=DTYPE) + 0.5
-        probs = unigram * jitter
+            probs = probs * unigram
         self.probs.copy_(probs / probs.sum(1, keepdim=True))
 
     def sample(self, states: Tensor) -> Tensor:

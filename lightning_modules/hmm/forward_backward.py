@@ -4,22 +4,47 @@ Shapes: `log_emit` (B, T, N) holds log p(x_t | z_t = n); `mask` (B, T) is True o
 form a prefix of each row (padding at the end); `start` (N,) and `trans` (N, N) are probabilities.
 There is no Python loop over sequences, only over time steps.
 
-Log-space recursions (Rabiner 1989, eqs. 19-25, with alpha/beta kept as logs) use the "log-matmul-exp"
-form of the log-sum-exp over previous states:
+Log-space recursions (Rabiner 1989, eqs. 19-25, with alpha/beta kept as logs): each step is a log-sum-exp
+over the source states for every destination state,
 
-    logsumexp_i(a_i + log A_ij) = m + log(sum_i exp(a_i - m) A_ij),   m = max_i a_i,
+    log alpha_t+1(j) = logsumexp_i(log alpha_t(i) + log A_ij) + log b_j(x_t+1),
 
-so each step is one (B, N) @ (N, N) matmul and never under- or overflows. At a padded step the
-forward message is carried unchanged and the backward message is log 1 = 0, so padding changes nothing.
+each destination shifted by its own maximum over the sources that reach it, so zero transitions
+(log A_ij = -inf) are exact and an unreachable destination gets -inf, never NaN. One shift shared by all
+destinations, m = max_i log alpha_t(i), is not enough: where the best source cannot reach j (a sparse,
+e.g. left-to-right, chain) and those that can sit more than ~745 nats below it, exp(log alpha - m) A
+underflows to 0 and log p(x) comes out thousands of nats wrong, with -inf betas and NaN posteriors.
+
+Speed: with one transition matrix (N, N) (the P(X) model) a step is first one matmul with the shared
+shift, exp(a - m) @ A, whose result is accurate to rounding wherever it is >= 1e-250 (every term it drops
+or rounds is below 1e-304); only the rows with a smaller, reachable destination are redone as the
+per-destination log-sum-exp (`_log_matmul_exp`). Per-sequence or per-chain transitions, and any device
+but the CPU (no host sync per step), take the log-sum-exp directly. float64 exp of an argument below
+about -708 (subnormal or 0 results, and -inf) runs on a slow path, tens to hundreds of times slower: exps
+are taken at max(x, -700) (`_exp_`), which changes nothing above rounding.
+
+The expected transition counts xi_t(i, j) = alpha_t(i) A_ij b_j(x_t+1) beta_t+1(j) / p(x) (Rabiner
+eq. 37) come from log-space factors: log alpha_t(i) - log p(x) and log b_j(x_t+1) + log beta_t+1(j),
+each step shifted by its maxima, summed as one matmul over the steps whose shifts keep every term above
+1e-276 exact (`_XI_SAFE_LOG_SCALE`); the other steps (factors peaking on states no transition joins)
+are formed whole in log space, log alpha + log A + log b + log beta - log p(x), and exponentiated
+term by term.
+
+At a padded step the forward message is carried unchanged and the backward message is log 1 = 0, so
+padding changes nothing.
 
 Batched chains (the class-conditional HMM, one HMM per class): `trans` may be (B, N, N), each sequence
 in its own chain (with `start` (B, N); `forward_backward` then counts transitions per sequence), and
 `forward` / `backward` / `loglik` / `state_posteriors` also take K independent chains side by side,
-`log_emit` (B, T, K, N) with `start` (K, N) and `trans` (K, N, N): each chain is shifted by its own max,
-so each gets its exact log p(x | chain k) however unlikely it is next to the others.
+`log_emit` (B, T, K, N) with `start` (K, N) and `trans` (K, N, N): each chain's recursion is its own
+log-sum-exp, so each gets its exact log p(x | chain k) however unlikely it is next to the others.
+
+A sequence that is impossible under the model (log p(x) = -inf) gets NaN posteriors (0 / 0); the
+class-conditional E-step, which can meet one, drops it by its weight 0.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -34,9 +59,16 @@ class Posteriors(NamedTuple):
     trans_counts: Tensor
 
 
-def _max_shift(a: Tensor) -> Tensor:
-    """max over the last dim (keepdim), made finite where everything is -inf (avoids -inf - -inf = nan)."""
-    return a.amax(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).min)
+_EXP_FLOOR = -700.0  # exp(-700) ~ 1e-304, still a normal float64 (exp's fast path)
+_EXP_FLOOR_VALUE = math.exp(_EXP_FLOOR)
+# A matmul result with the shared shift is trusted where >= this: what it may have dropped or rounded is
+# below N * 1e-304, far under its rounding
+_MATMUL_TRUSTED = 1e-250
+# xi by matmul at the steps where max log alpha - log p(x) + max (log b + log beta) <= this: every term
+# >= exp(_XI_SAFE_LOG_SCALE + _EXP_FLOOR) ~ 1e-276 then has both factors >= exp(-700), exact to rounding
+_XI_SAFE_LOG_SCALE = 64.0
+# elements of one (sequences, N, N) chunk of xi formed whole in log space (float64: 32 MiB)
+_XI_CHUNK_ELEMENTS = 1 << 22
 
 
 def _per_sequence(m: Tensor, a: Tensor) -> Tensor:
@@ -50,22 +82,54 @@ def _first_emission(log_emit: Tensor, mask: Tensor) -> Tensor:
     return torch.where(_per_sequence(mask[:, 0], first), first, torch.zeros_like(first))
 
 
-def _log_matmul(a: Tensor, p: Tensor) -> Tensor:
-    """log(exp(a) @ p) for log-vectors a (..., N) and a probability matrix p (N, N), or a batch of them
-    (..., N, N) broadcasting against a's leading dims."""
-    m = _max_shift(a)
-    e = (a - m).exp()
-    return m + torch.log(e @ p if p.dim() == 2 else torch.einsum("...i,...ij->...j", e, p))
+def _finite_max(x: Tensor, dim: int = -1) -> Tensor:
+    """max along dim (keepdim), made finite where everything is -inf (so x - max is -inf there, not NaN)."""
+    return x.amax(dim, keepdim=True).clamp_min_(torch.finfo(x.dtype).min)
+
+
+def _exp_(x: Tensor) -> Tensor:
+    """exp(x) in place, exactly 0 where x <= -700 (x = -inf: a zero transition, an unreachable state,
+    padding) and within exp(-700) ~ 1e-304 of exp(x) elsewhere, always on exp's fast path."""
+    return x.clamp_min_(_EXP_FLOOR).exp_().sub_(_EXP_FLOOR_VALUE)
+
+
+def _logsumexp_(s: Tensor, dim: int) -> Tensor:
+    """log(sum(exp(s))) along dim, consuming s (a fresh temporary): shifted by its max along dim (every term
+    in [0, 1], the largest 1), -inf where every term is -inf; terms more than 700 nats below the max count
+    as exp(-700), a relative change of at most N * 1e-304, below rounding."""
+    m = s.amax(dim, keepdim=True)
+    total = s.sub_(m.clamp_min(torch.finfo(s.dtype).min)).clamp_min_(_EXP_FLOOR).exp_().sum(dim)
+    return total.log_().add_(m.squeeze(dim))
+
+
+def _log_matmul_exp(x: Tensor, trans: Tensor, log_trans: Tensor) -> Tensor:
+    """log(exp(x) @ A)_j = logsumexp_i(x_i + log A_ij) for log-vectors x (..., N) and A = `trans` (N, N)
+    (log_trans = log A), or a stack of matrices (..., N, N) broadcasting against x's leading dims."""
+    if trans.dim() != 2 or x.device.type != "cpu":
+        return _logsumexp_(x[..., :, None] + log_trans, -2)
+    m = _finite_max(x)
+    s = _exp_(x - m) @ trans
+    out = s.log().add_(m)
+    suspect = s < _MATMUL_TRUSTED
+    if bool(suspect.any()):
+        # 0 is exact where no source with alpha > 0 reaches j; elsewhere a small result may have lost its
+        # terms to the shared shift: those rows get the per-destination log-sum-exp
+        reach = torch.isfinite(x).to(trans.dtype) @ (trans > 0).to(trans.dtype)
+        rows = (suspect & (reach > 0)).any(-1)
+        if bool(rows.any()):
+            out[rows] = _logsumexp_(x[rows][..., :, None] + log_trans, -2)
+    return out
 
 
 def forward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tensor:
     """log alpha_t(n) = log p(x_1..t, z_t = n), shape of log_emit (B, T, [K,] N); carried unchanged
     over padding."""
+    log_trans = trans.log()
     log_alpha = torch.empty_like(log_emit)
     a = start.log() + _first_emission(log_emit, mask)
     log_alpha[:, 0] = a
     for t in range(1, log_emit.shape[1]):
-        a = torch.where(_per_sequence(mask[:, t], a), _log_matmul(a, trans) + log_emit[:, t], a)
+        a = torch.where(_per_sequence(mask[:, t], a), _log_matmul_exp(a, trans, log_trans) + log_emit[:, t], a)
         log_alpha[:, t] = a
     return log_alpha
 
@@ -77,11 +141,13 @@ def loglik(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tens
 
 def backward(trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tensor:
     """log beta_t(n) = log p(x_t+1..T | z_t = n), shape of log_emit; 0 at and after the last real step."""
+    trans_t = trans.mT  # beta_t(i) = sum_j A_ij b_j(x_t+1) beta_t+1(j): a forward step through A^T
+    log_trans_t = trans_t.log()
     log_beta = torch.zeros_like(log_emit)
     b = torch.zeros_like(log_emit[:, 0])
     for t in range(log_emit.shape[1] - 2, -1, -1):
-        b = torch.where(_per_sequence(mask[:, t + 1], b), _log_matmul(log_emit[:, t + 1] + b, trans.mT),
-                        torch.zeros_like(b))
+        b = torch.where(_per_sequence(mask[:, t + 1], b),
+                        _log_matmul_exp(log_emit[:, t + 1] + b, trans_t, log_trans_t), torch.zeros_like(b))
         log_beta[:, t] = b
     return log_beta
 
@@ -91,56 +157,59 @@ def state_posteriors(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tenso
     log_alpha = forward(start, trans, log_emit, mask)
     log_beta = backward(trans, log_emit, mask)
     ll = torch.logsumexp(log_alpha[:, -1], -1)
-    gamma = (log_alpha + log_beta - ll.unsqueeze(1).unsqueeze(-1)).exp() * _per_sequence(mask, log_alpha)
+    gamma = _exp_(log_alpha + log_beta - ll.unsqueeze(1).unsqueeze(-1)) * _per_sequence(mask, log_alpha)
     return log_alpha, log_beta, ll, gamma
 
 
 def forward_backward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Posteriors:
     log_alpha, log_beta, ll, gamma = state_posteriors(start, trans, log_emit, mask)
+    return Posteriors(ll, gamma, transition_counts(trans, log_alpha, log_emit + log_beta, mask, ll))
 
-    # xi_t(i, j) = alpha_t(i) A_ij b_j(x_t+1) beta_t+1(j) / p(x)  (Rabiner eq. 37), summed over b and t.
-    # Each factor is shifted by its max so it lies in [0, 1]; the shifts go into one per-step weight w.
-    u = log_alpha[:, :-1]
-    v = log_emit[:, 1:] + log_beta[:, 1:]
-    mu, mv = _max_shift(u), _max_shift(v)
-    log_w = (mu + mv).squeeze(-1) - ll[:, None]
-    # w overflows where alpha's and beta's maxima sit on states no transition joins (a sequence far from
-    # a sparse, e.g. left-to-right, chain): those sequences are counted in log space instead
-    overflow = ((log_w > _LOG_W_MAX) & mask[:, 1:]).any(1)
-    if bool(overflow.any()):
-        log_w = log_w.masked_fill(overflow[:, None], -torch.inf)
-    w = log_w.exp() * mask[:, 1:]
-    u = (u - mu).exp() * w[..., None]
-    v = (v - mv).exp()
+
+def transition_counts(trans: Tensor, log_alpha: Tensor, log_evidence: Tensor, mask: Tensor, ll: Tensor) -> Tensor:
+    """xi_t(i, j) = exp(log alpha_t(i) + log A_ij + log b_j(x_t+1) + log beta_t+1(j) - log p(x)) summed over
+    the real steps t -> t+1 (and over sequences when `trans` is (N, N)): (N, N), or (B, N, N) per sequence
+    when `trans` is (B, N, N). `log_evidence` = log b + log beta (B, T, N)."""
+    u = log_alpha[:, :-1] - ll[:, None, None]  # (B, T-1, N): log alpha_t(i) - log p(x)
+    # log b_j(x_t+1) + log beta_t+1(j), -inf where step t+1 is padding (its terms are exactly 0)
+    v = log_evidence[:, 1:].masked_fill(~mask[:, 1:, None], -torch.inf)
+    mv = _finite_max(v)
+    # xi_t(i, j) = U_ti V_tj A_ij with U = exp(u + mv) and V = exp(v - mv) <= 1. Where max U <= exp(64),
+    # any term xi >= exp(64 - 700) has U_i >= xi and V_j >= xi exp(-64), both >= exp(-700): a matmul
+    # of the two is exact to rounding
+    log_u = u + mv
+    safe = log_u.amax(-1, keepdim=True) <= _XI_SAFE_LOG_SCALE  # (B, T-1, 1); False for NaN
+    big_u = _exp_(log_u.masked_fill_(~safe, -torch.inf))
+    big_v = _exp_(v - mv)
     if trans.dim() == 2:  # one chain: summed over sequences and steps
-        u, v = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
-    trans_counts = trans * (u.mT @ v)  # (N, N), or per sequence (B, N, N)
-    if bool(overflow.any()):
-        trans_counts = _add_log_space_counts(trans_counts, overflow, log_alpha, log_emit + log_beta, trans, mask, ll)
-    return Posteriors(ll, gamma, trans_counts)
+        counts = trans * (big_u.flatten(0, 1).mT @ big_v.flatten(0, 1))
+    else:
+        counts = trans * (big_u.mT @ big_v)
+    unsafe = ~safe.squeeze(-1) & mask[:, 1:]
+    if bool(unsafe.any()):
+        counts = _add_log_space_counts(counts, trans, u, v, unsafe)
+    return counts
 
 
-_LOG_W_MAX = 600.0  # exp(600) ~ 1e260: far from float64 overflow even after the [0, 1] factors
-
-
-def _add_log_space_counts(trans_counts: Tensor, rows: Tensor, log_alpha: Tensor, log_ev: Tensor, trans: Tensor,
-                          mask: Tensor, ll: Tensor) -> Tensor:
-    """trans_counts plus the transition counts of the sequences `rows` (B,) bool, xi_t(i, j) summed over t
-    and computed whole in log space, log alpha_t(i) + log A_ij + log b_j(x_t+1) + log beta_t+1(j) - log p(x),
-    one (n, N, N) step at a time (exact however far apart the factors are)."""
-    idx = rows.nonzero().squeeze(1)
-    log_trans = (trans[idx] if trans.dim() == 3 else trans).log()
-    counts = torch.zeros(len(idx), *trans.shape[-2:], dtype=trans_counts.dtype, device=trans_counts.device)
-    for t in range(log_alpha.shape[1] - 1):
-        xi = log_alpha[idx, t, :, None] + log_trans + log_ev[idx, t + 1, None, :] - ll[idx, None, None]
-        counts = counts + xi.exp() * mask[idx, t + 1, None, None]
-    if trans.dim() == 2:
-        return trans_counts + counts.sum(0)
-    return trans_counts.index_add(0, idx, counts)
+def _add_log_space_counts(counts: Tensor, trans: Tensor, u: Tensor, v: Tensor, steps: Tensor) -> Tensor:
+    """counts plus xi_t(i, j) = exp(u_ti + log A_ij + v_tj) at the steps `steps` (B, T-1) bool, each term
+    formed whole in log space (exact however far apart u and v peak), in chunks of steps."""
+    b_idx, t_idx = steps.nonzero(as_tuple=True)
+    log_trans = trans.log()
+    n = trans.shape[-1]
+    chunk = max(1, _XI_CHUNK_ELEMENTS // (n * n))
+    for s in range(0, len(b_idx), chunk):
+        b, t = b_idx[s:s + chunk], t_idx[s:s + chunk]
+        lt = log_trans if trans.dim() == 2 else log_trans[b]
+        xi = _exp_((u[b, t, :, None] + v[b, t, None, :]).add_(lt))  # (n steps, N, N)
+        counts = counts + xi.sum(0) if trans.dim() == 2 else counts.index_add(0, b, xi)
+    return counts
 
 
 def viterbi(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor):
-    """Most probable state path (B, T) (-1 on padding) and its joint log-probability (B,) (Rabiner eq. 30-35)."""
+    """Most probable state path (B, T) (-1 on padding) and its joint log-probability (B,) (Rabiner eq.
+    30-35); max-product needs no shift, so zero transitions (log 0 = -inf) are exact. For a sequence the
+    model cannot produce the score is -inf and the path arbitrary."""
     B, T, N = log_emit.shape
     log_trans = trans.log()
     stay = torch.arange(N, device=log_emit.device).expand(B, N)

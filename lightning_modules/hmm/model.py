@@ -29,21 +29,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_modules.common import class_blocks, semi_supervised
 from lightning_modules.common.em import DTYPE, EMModel, Stats
 from lightning_modules.common.gaussian import CovarianceType
-from lightning_modules.contract import Conditional, ConfigError
+from lightning_modules.contract import Conditional, ConfigError, TrainingSet, require_range
 from lightning_modules.hmm import forward_backward as fb
 from lightning_modules.hmm.emissions import CategoricalEmission, GaussianEmission
 from lightning_modules.hmm.sequences import from_sequences, sequence_layout, to_sequences
 
 
+# Dirichlet concentration of the random transition rows that start a categorical HMM (`HMM._random_transitions`)
+TRANSITION_CONCENTRATION = 0.3
+
+
 class HMM(EMModel):
     family = "hmm"
     log_prob_kind = "exact"
+    models_tokens = True  # categorical emissions
 
     @dataclass
     class Config:
@@ -65,6 +71,34 @@ class HMM(EMModel):
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
         # auto: left_to_right for the per-class HMMs of a conditional model, ergodic for P(X) alone
         topology: Literal["auto", "ergodic", "left_to_right"] = "auto"
+
+        def __post_init__(self):
+            require_range(self, "n_states", "init_subsample", low=1)
+            require_range(self, "kmeans_iters", low=0)  # 0: the k-means++ seeds alone
+            require_range(self, "reg_covar", "pseudocount", "tol", low=0)
+            require_range(self, "semi_reg_covar", low=0, optional=True)
+
+        def fits_data(self, data: TrainingSet) -> None:
+            """Gaussian emissions: k-means starts the states (conditional: each class's) from distinct frames
+            of the training sequences, at least one per state."""
+            if self.emission == "categorical" or (self.emission == "auto" and data.info.vocab_size):
+                return  # categorical: started from seeded random (Dirichlet) rows, whatever the data's size
+            steps = sequence_layout(data.info)[0]
+            if data.class_counts is None:
+                frames = data.n_examples * steps
+                if self.n_states > frames:
+                    raise ConfigError("n_states", f"must be <= {frames} (the frames of the {data.n_examples} training "
+                                                  f"sequences), not {self.n_states}")
+                if self.n_states > self.init_subsample * steps:
+                    raise ConfigError("init_subsample", f"must be >= {-(-self.n_states // steps)} (k-means starts each "
+                                      f"of the {self.n_states} states from one frame of these sequences), "
+                                      f"not {self.init_subsample}")
+            elif not data.n_unlabelled:  # semi-supervised: the unlabelled sequences' guessed classes count too
+                fewest = min(range(len(data.class_counts)), key=data.class_counts.__getitem__)
+                frames = data.class_counts[fewest] * steps
+                if self.n_states > frames:
+                    raise ConfigError("n_states", f"must be <= {frames} (the frames of the training sequences of "
+                                                  f"class {fewest}, the fewest), not {self.n_states}")
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -167,12 +201,29 @@ class HMM(EMModel):
         return onehot.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
 
     def initialize(self, x: Tensor, y: Optional[Tensor] = None, semi: bool = False) -> None:
+        """Emissions from the data (Gaussian: k-means) or seeded random rows (categorical), and with categorical
+        emissions seeded random transitions too (`_random_transitions`)."""
         self._set_variance_floor(semi)
         seq, mask = to_sequences(x, self.info)
         if self.n_blocks * self.segments == 1:
             self.emission.initialize(seq[mask], self.config.seed)
         else:
             self.emission.initialize(seq[mask], self.config.seed, *self._init_groups(mask, y))
+        if isinstance(self.emission, CategoricalEmission):
+            self._random_transitions(self.config.seed)
+
+    def _random_transitions(self, seed: int) -> None:
+        """Sparse random rows, Dirichlet(0.3) over each state's allowed successors (its topology's, in its
+        class's block), seeded (the stream [seed, 1]; the categorical emissions draw from [seed, 0]).
+        Uniform transitions with emission rows that differ only by noise start next to the saddle of the
+        i.i.d. unigram model, where Baum-Welch barely moves: `text`, 16 states, test perplexity 27.4 (the
+        unigram's) after 10 steps and 12.7 after 100; from these rows 17.7 and 13.3 with Dirichlet(1),
+        15.5 and 11.7 with Dirichlet(0.3) (seeds 0-4 after 10 steps: 14.4-17.0 against 16.9-19.3)."""
+        _, allowed = self._topology()
+        allowed = torch.block_diag(*[allowed.to(DTYPE)] * self.n_blocks)
+        rng = np.random.default_rng([seed, 1])
+        weights = torch.from_numpy(rng.standard_gamma(TRANSITION_CONCENTRATION, tuple(allowed.shape))) * allowed
+        self.transmat.copy_(weights / weights.sum(1, keepdim=True))
 
     def _init_groups(self, mask: Tensor, y: Optional[Tensor]):
         """Each real frame's group, class * G + its segment (relative position t * G // length), and each

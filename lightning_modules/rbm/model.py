@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.contract import UNLABELLED, Conditional, GenerativeModel, require
+from lightning_modules.contract import UNLABELLED, Conditional, GenerativeModel, require_range
 from lightning_modules.rbm.energy import RBMEnergy
 from lightning_modules.rbm.labels import LabelUnits
 from lightning_modules.rbm.units import GaussianUnits, Statistics, visible_units
@@ -50,7 +50,7 @@ class RBM(GenerativeModel):
     is minimised. log Z is computed once when training ends and kept in the `log_z` buffer (checkpointed)."""
 
     family = "rbm"
-    log_prob_kind = "estimate"  # AIS; exact (given the visible marginal) when n_hidden <= exact_max_hidden
+    log_prob_kind = "estimate"  # AIS; an instance with n_hidden <= exact_max_hidden is exact (`nll_kind`)
     needs_init_data = True  # standardisation statistics and the base model's visible bias
     semi_supervised_method = ("hybrid DRBM: CD on -log p(x, y), on -log p(x) with the class latent, and -log p(y | x) "
                               "(Larochelle & Bengio 2008)")
@@ -99,8 +99,13 @@ class RBM(GenerativeModel):
         max_label_boost: float = 16.0
 
         def __post_init__(self):
-            require(self.unlabelled_weight >= 0, "unlabelled_weight", "must be >= 0")
-            require(self.max_label_boost >= 1, "max_label_boost", "must be >= 1")
+
+            require_range(self, "n_hidden", "cd_k", "n_chains", "ais_chains", "ais_steps", low=1)
+            require_range(self, "sample_steps", "exact_max_hidden", low=0)  # 0 sweeps: the base model's draws
+            require_range(self, "lr", "init_std", low=0, low_open=True, optional=True)  # null: by visible type
+            require_range(self, "momentum", low=0, high=1, high_open=True)
+            require_range(self, "weight_decay", "discriminative_weight", "unlabelled_weight", low=0)
+            require_range(self, "max_label_boost", low=1)
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)
@@ -334,7 +339,7 @@ class RBM(GenerativeModel):
         conditional model keeps log Z_y per class and their sum (AIS: `ais_chains` / K chains for each class, all
         annealed as one batch, so the cost is that of the unconditional model's AIS)."""
         energy = self.energy().detached(torch.float64)
-        exact = self.config.n_hidden <= self.config.exact_max_hidden
+        exact = self.enumerates_log_z()
         g = torch.Generator(device=self.device).manual_seed(self.config.seed)
         if self.conditional:
             chains = -(-self.config.ais_chains // self.num_classes)
@@ -348,6 +353,13 @@ class RBM(GenerativeModel):
             log_z = energy.log_z_ais(self.config.ais_chains, self.config.ais_steps, g).log_z
         self.log_z.fill_(log_z)
         self.log_z_exact.fill_(exact)
+
+    def enumerates_log_z(self) -> bool:
+        return self.config.n_hidden <= self.config.exact_max_hidden
+
+    def nll_kind(self):
+        """Exact when log Z is enumerated over the 2^H hidden states, else an AIS estimate."""
+        return "exact" if self.enumerates_log_z() else "estimate"
 
     def ensure_log_z(self) -> None:
         if torch.isnan(self.log_z):

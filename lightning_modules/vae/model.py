@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lightning_modules.common.binarized import binarize, density_offset, sample_half_cube
 from lightning_modules.common.nets import ConvDecoder, ConvEncoder, mlp
-from lightning_modules.contract import UNLABELLED, Conditional, ConfigError, GenerativeModel, require
+from lightning_modules.contract import UNLABELLED, Conditional, ConfigError, GenerativeModel, require_range
 from lightning_modules.vae.class_bounds import class_bounds, every_class
 from lightning_modules.vae.semi import sum_over_classes, top_classes
 
@@ -74,9 +74,11 @@ class VAE(GenerativeModel):
         labelled_draws: int = 64  # labelled examples drawn per step for eq. 9's classification term
 
         def __post_init__(self):
-            require(self.alpha >= 0, "alpha", "must be >= 0")
-            require(self.semi_classes >= 1, "semi_classes", "must be >= 1")
-            require(self.labelled_draws >= 0, "labelled_draws", "must be >= 0")
+
+            require_range(self, "latent_dim", "hidden", "channels", "iwae_k", "semi_classes", low=1)
+            require_range(self, "lr", low=0, low_open=True)
+            require_range(self, "beta", "alpha", "labelled_draws", low=0)
+            require_range(self, "min_log_scale")  # any finite log scale
 
     def __init__(self, cfg: dict, info: dict):
         super().__init__(cfg, info)

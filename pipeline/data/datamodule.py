@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
@@ -23,6 +24,16 @@ def dequantize(x_levels: torch.Tensor, levels: Optional[int], generator: Optiona
         return x_levels
     u = torch.rand(x_levels.shape, generator=generator)
     return (x_levels.float() + u) / levels
+
+
+SPLITS = ("train", "val", "test", "holdout")
+
+
+def split_noise_generator(seed: int, split: str) -> torch.Generator:
+    """The generator of a split's fixed dequantisation noise: keyed on (seed, split), so the splits' noise is
+    independent (a SeedSequence mixes the key; `seed + constant` per split would collide across seeds)."""
+    key = np.random.SeedSequence([seed, 1000, SPLITS.index(split)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(key[0]) << 31 | int(key[1]) >> 1)
 
 
 class ShardSampler(Sampler):
@@ -139,11 +150,11 @@ class PreparedDataModule(pl.LightningDataModule):
     def has_split(self, split: str) -> bool:
         return f"{split}_x.npy" in self.manifest["files"]
 
-    def split(self, split: str, seed_offset: int = 0):
-        """(x, y) in data space with a fixed, seeded dequantisation."""
+    def split(self, split: str):
+        """(x, y) in data space with a fixed, seeded dequantisation, drawn independently for each split (test
+        example i does not share its noise with training example i)."""
         x, y = self.raw(split)
-        g = torch.Generator().manual_seed(self.seed + 1000 + seed_offset)
-        return dequantize(x, self.info.levels, g), y
+        return dequantize(x, self.info.levels, split_noise_generator(self.seed, split)), y
 
     def _dequantize_batch(self, batch):
         """Fresh noise per batch from its own generator keyed on (seed, epoch, first example), not the global

@@ -25,7 +25,7 @@ SOURCES: Dict[str, Callable] = {
 
 def validate_dataset_name(name: str) -> None:
     if name not in SOURCES:
-        raise GenzooError(f"unknown dataset '{name}' for data.dataset (choices: {', '.join(SOURCES)})")
+        raise GenzooError(f"bad value for config key 'data.dataset': must be one of {', '.join(SOURCES)}, not {name!r}")
 
 
 def load_source(dcfg) -> Prepared:
@@ -33,7 +33,7 @@ def load_source(dcfg) -> Prepared:
     rng = np.random.default_rng(dcfg.seed)
     prepared = SOURCES[dcfg.dataset](dcfg, rng)
     if dcfg.holdout_class is not None:
-        prepared = hold_out_class(prepared, int(dcfg.holdout_class))
+        prepared = hold_out_class(prepared, int(dcfg.holdout_class), dcfg.dataset)
     if dcfg.labels_per_class is not None:
         prepared = keep_few_labels(prepared, int(dcfg.labels_per_class), dcfg.seed)
     return prepared
@@ -48,10 +48,12 @@ def keep_few_labels(p: Prepared, per_class: int, seed: int) -> Prepared:
     return dataclasses.replace(p, labels_per_class=per_class, labelled=labelled)
 
 
-def hold_out_class(p: Prepared, cls: int) -> Prepared:
+def hold_out_class(p: Prepared, cls: int, dataset: str = "the dataset") -> Prepared:
     """Remove one class from every split; its test examples become the `holdout` (anomaly) split."""
-    if p.info.num_classes is None or not 0 <= cls < p.info.num_classes:
-        raise GenzooError(f"data.holdout_class={cls} is not a class of this dataset")
+    classes = p.info.num_classes
+    if not classes or not 0 <= cls < classes:
+        allowed = f"a class of {dataset} (0 to {classes - 1}) or null" if classes else f"null ({dataset} has no labels)"
+        raise GenzooError(f"bad value for config key 'data.holdout_class': must be {allowed}, not {cls}")
     splits = {k: (x[y != cls], y[y != cls]) for k, (x, y) in p.splits.items()}
     x, y = p.splits["test"]
     splits["holdout"] = (x[y == cls], y[y == cls])

@@ -16,11 +16,19 @@ def _update(metric, x: Tensor, real: bool, batch_size: int) -> None:
         metric.update(chunk, real=real)
 
 
+def fid_metric(features: nn.Module, reset_real_features: bool = True) -> FrechetInceptionDistance:
+    """torchmetrics' FID in the feature space of `features`, on data-space inputs. Its states (the feature sums,
+    the sums of their outer products and the counts, float64) are summed across ranks when it computes: under
+    DDP that is the FID of every rank's samples pooled, on the device the metric is on. `reset_real_features`
+    False keeps the real side through `reset()`, for a metric that scores fresh fakes against one real set."""
+    return FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=reset_real_features)
+
+
 @torch.no_grad()
 def fid_kid(features: nn.Module, real: Tensor, fake: Tensor, kid_subset_size: int = 100,
             kid_subsets: int = 50, batch_size: int = 256) -> Dict[str, float]:
     """FID and KID of `fake` against `real` (both in data space, same shape)."""
-    fid = FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=True)
+    fid = fid_metric(features)
     subset = min(kid_subset_size, len(real), len(fake))
     kid = KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=subset, normalize=True)
     for metric in (fid, kid):

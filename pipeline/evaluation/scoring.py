@@ -6,6 +6,7 @@ Likelihoods: the continuous NLL of dequantised data plus D·ln(levels) bounds th
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Callable, Dict, Optional
 
@@ -16,6 +17,9 @@ from torch import Tensor
 from lightning_modules.contract import DataInfo, GenerativeModel
 from pipeline.evaluation.conditional import accuracy, bayes_classifier_accuracy, conditional_metrics, proportional_labels
 from pipeline.evaluation.sample_metrics import extract, fid_kid, precision_recall
+
+
+MAX_LOG_FLOAT = math.log(sys.float_info.max)  # the largest x with a finite exp(x)
 
 
 @torch.no_grad()
@@ -32,8 +36,10 @@ def likelihood_metrics(model: GenerativeModel, log_p: Tensor, x: Tensor, info: D
     out = {"nll": nll, "bpd": nll / (info.dim * math.log(2))}
     if model.token_count(x[:1]) is not None:  # sequence models over tokens: perplexity per token
         tokens = batched(model.token_count, x, batch_size).double().sum().item()
-        out["perplexity"] = math.exp(-log_p.sum().item() / tokens)
-        out["bpd"] = -log_p.sum().item() / tokens / math.log(2)  # bits per token
+        per_token = -log_p.sum().item() / tokens
+        # math.exp raises OverflowError past ~709.78 nats per token: such a perplexity is +inf
+        out["perplexity"] = math.inf if per_token >= MAX_LOG_FLOAT else math.exp(per_token)
+        out["bpd"] = per_token / math.log(2)  # bits per token
     return out
 
 
@@ -77,8 +83,20 @@ def corrupted(x: Tensor, info: DataInfo, generator: torch.Generator) -> Dict[str
     return out
 
 
+def score_ranks(score: Tensor) -> Tensor:
+    """Anomaly scores -> their dense ranks scaled into [0, 1], NaN counted as +inf (a score the model could not
+    compute flags the input as anomalous), ties kept. AUROC and the ROC curve depend only on the order, and
+    torchmetrics reads scores outside [0, 1] as logits and applies a sigmoid, which rounds every score above
+    ~37 to 1 (and below ~-745 to 0), tying them all: log-likelihood scores would give a meaningless AUROC."""
+    score = score.double()
+    score = torch.where(torch.isnan(score), torch.full_like(score, float("inf")), score)
+    rank = torch.unique(score, sorted=True, return_inverse=True)[1].double()
+    return rank / rank.max().clamp_min(1)
+
+
 def anomaly_metrics(model: GenerativeModel, test: Tensor, anomalies: Dict[str, Tensor], batch_size: int):
-    """AUROC of the anomaly score, normal test examples (label 0) vs each anomaly set and all together."""
+    """AUROC of the anomaly score (higher = more anomalous; NaN counts as +inf), normal test examples (label 0)
+    vs each anomaly set and all together, and the ROC curve of all together."""
     from torchmetrics.functional.classification import binary_auroc, binary_roc
 
     normal = batched(model.anomaly_score, test, batch_size)
@@ -86,9 +104,7 @@ def anomaly_metrics(model: GenerativeModel, test: Tensor, anomalies: Dict[str, T
     scores = {name: batched(model.anomaly_score, a, batch_size) for name, a in anomalies.items()}
     scores["all"] = torch.cat(list(scores.values()))
     for name, s in scores.items():
-        score = torch.cat([normal, s]).double()
-        score = torch.nan_to_num(score, nan=float("inf"), posinf=float("inf"))
-        score = torch.where(torch.isinf(score), torch.full_like(score, 1e300), score)
+        score = score_ranks(torch.cat([normal, s]))
         label = torch.cat([torch.zeros(len(normal)), torch.ones(len(s))]).long()
         key = "anomaly_auroc" if name == "all" else f"anomaly_auroc_{name}"
         metrics[key] = binary_auroc(score, label).item()

@@ -6,7 +6,7 @@ import json
 
 from lightning_modules.registry import family_class
 from pipeline import tracking
-from pipeline.checkpoints import load_model
+from pipeline.checkpoints import check_same_data, load_model
 from pipeline.config import require_family
 from pipeline.errors import GenzooError
 from pipeline.evaluation.features import feature_extractor, label_classifier
@@ -35,14 +35,18 @@ def evaluate(cfg) -> dict:
     state = json.loads((model_dir / STATE_FILE).read_text())
     if not state.get("finished"):
         raise GenzooError(f"{model_dir}: training did not finish; re-run `genzoo train family={family}`")
+    dm = datamodule_for(cfg, cls)
+    # before the run is reopened: a model of other data is the user's mix-up, not a failure of that run
+    check_same_data(state.get("trained_on"), dm.manifest, model_dir, family)
 
     import mlflow
 
+    tracking.ensure_store(tracking.tracking_uri(cfg), tracking.experiment_name(cfg))  # a read-only store: one line
     tracking.client(cfg)
     with mlflow.start_run(run_id=run["run_id"]):
         with tracking.failing_marks_run(cfg, lambda: run["run_id"]):
             model = load_model(model_dir / "model.ckpt", cls)
-            dm = datamodule_for(cfg, cls)
+            check_same_data(model.trained_on, dm.manifest, model_dir / "model.ckpt", family, model.info)
             metrics, curves, samples, labelled = score(model, dm, feature_extractor(cfg, dm.info), cfg.eval,
                                                        label_classifier(cfg, dm.info), cfg.featnet)
             metrics.update(state.get("cost", {}))
@@ -50,15 +54,19 @@ def evaluate(cfg) -> dict:
             grids = [grid]
             if labelled is not None:
                 grids.append(save_class_grid(*labelled, model.num_classes, dm.info.kind, class_samples_png(family)))
-            mlflow.log_metrics({metric_name(k): v for k, v in metrics.items() if k not in state.get("cost", {})})
-            mlflow.set_tag("test/nll_kind", cls.log_prob_kind or "n/a")
+            # once per evaluation, even when a killed evaluation is rerun (MLflow's metric history only appends)
+            step = tracking.log_evaluation(cfg, run["run_id"], {metric_name(k): v for k, v in metrics.items()
+                                                                 if k not in state.get("cost", {})},
+                                           volatile={metric_name(k) for k in PERF_METRICS})
+            mlflow.set_tag("test/nll_kind", model.nll_kind() or "n/a")
             for g in grids:
                 mlflow.log_artifact(str(g), artifact_path="samples")
             if cfg.tracking.log_model:
                 from pipeline.checkpoints import log_mlflow_model
 
-                log_mlflow_model(model, samples[:4])
-    result = {"family": family, "nll_kind": cls.log_prob_kind, "run_id": run["run_id"], "metrics": metrics,
+                log_mlflow_model(model, model_dir / "model.ckpt", samples[:4])
+            tracking.mark_evaluated(cfg, run["run_id"], step)
+    result = {"family": family, "nll_kind": model.nll_kind(), "run_id": run["run_id"], "metrics": metrics,
               "curves": curves, "samples_png": str(grid), "conditional": model.conditional,
               "semi_supervised_method": cls.semi_supervised_method if "semi_acc" in metrics else None}
     if labelled is not None:

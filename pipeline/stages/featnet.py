@@ -31,7 +31,7 @@ def run_featnet(cfg) -> dict:
                                 devices=1, strategy="auto", num_nodes=1)  # small: never worth several devices
         trainer.fit(net, datamodule=dm)
         result["accuracy"] = trainer.test(net, datamodule=dm, verbose=False)[0]["test/acc"]
-        trainer.save_checkpoint(out_dir / FEATNET_FILE)
+        trainer.save_checkpoint(out_dir / FEATNET_FILE, weights_only=True)
     features = feature_extractor(cfg, dm.info)
     if features is not None:
         result.update(real_data_floor(features, dm, cfg.eval))

@@ -17,16 +17,17 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_modules.contract import UNLABELLED, ConfigError
+from lightning_modules.contract import UNLABELLED, ConfigError, TrainingDiverged
 from lightning_modules.registry import FAMILIES, family_class
 from pipeline import tracking
 from pipeline.callbacks import BestSampleQuality, FailOnNonFiniteLoss, ReseedEachStep
+from pipeline.checkpoints import check_same_data, checkpoint_data, trained_on_of
 from pipeline.config import family_section, flatten, require_family
 from pipeline.errors import GenzooError
 from pipeline.evaluation.features import feature_extractor
-from pipeline.paths import STATE_FILE, models_dir
+from pipeline.paths import STATE_FILE, copy_atomic, models_dir, write_text_atomic
 from pipeline.run_logger import ResumableMLFlowLogger
-from pipeline.runtime import build_trainer, datamodule_for, peak_memory_mb
+from pipeline.runtime import build_trainer, check_fits_data, datamodule_for, peak_memory_mb
 
 
 def config_hash(cfg, family: str) -> str:
@@ -46,6 +47,10 @@ def resolve_conditional(section: dict, info, train_labels) -> dict:
 
 def build_model(cls, section: dict, info):
     """The family for this data; a setting that does not fit the data is one error line naming the key."""
+    if info.vocab_size is not None and not cls.models_tokens:
+        discrete = [f for f in FAMILIES if family_class(f).models_tokens]
+        raise GenzooError(f"{cls.family} models continuous data, and this dataset holds integer tokens (a vocabulary "
+                          f"of {info.vocab_size}): its NLL would not be a discrete one; use {' or '.join(discrete)}")
     try:
         return cls(section, info.to_dict())
     except ConfigError as e:
@@ -80,8 +85,12 @@ def train(cfg) -> Path:
 
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     dm = datamodule_for(cfg, cls, hide_unlabelled=True)  # a semi-supervised split's hidden labels are UNLABELLED
+    if resume_ckpt is not None:
+        check_same_data(checkpoint_data(resume_ckpt), dm.manifest, resume_ckpt, family)
     train_y = dm.labels("train")  # the data itself is read inside the MLflow run (a bad file fails the run)
     model = build_model(cls, resolve_conditional(family_section(cfg, family), dm.info, train_y), dm.info)
+    check_fits_data(model, train_y)  # settings that must fit the training set, before the MLflow run opens
+    model.trained_on = trained_on_of(dm.manifest)
     if model.conditional:
         model.set_class_prior(train_y)
 
@@ -106,29 +115,32 @@ def train(cfg) -> Path:
         model_dir.mkdir(parents=True, exist_ok=True)
         if resume_ckpt is None:  # a resumed run already holds its params (MLflow params are write-once)
             logger.log_hyperparams({k: v for k, v in flatten(cfg).items() if k != "resume"})
-        (model_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(model_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         tracking.write_run_file(model_dir, logger.run_id, logger.experiment_id, tracking.tracking_uri(cfg))
-        _write_state(model_dir, cfg, family, logger.run_id, finished=False)
+        _write_state(model_dir, cfg, family, logger.run_id, model.trained_on, finished=False)
 
     fit_model = torch.compile(model) if cfg.trainer.compile else model
     start = time.perf_counter()
     with tracking.failing_marks_run(cfg, lambda: logger.run_id if trainer.is_global_zero else None):
         if cls.needs_init_data:
             model.provide_init_data(dm.split("train")[0], train_y)
-        trainer.fit(fit_model, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        try:
+            trainer.fit(fit_model, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+        except TrainingDiverged as e:  # e.g. a GAN whose discriminator won: no model, the run FAILED
+            raise GenzooError(f"training diverged: {e}") from None
         if trainer.interrupted:
             raise GenzooError("training was interrupted")
         seconds = time.perf_counter() - start
         final = model_dir / "model.ckpt"
-        trainer.save_checkpoint(final)
+        trainer.save_checkpoint(final, weights_only=True)  # the model alone: evaluate and sample load it
         if trainer.is_global_zero:
             best = model_dir / "best.ckpt"
             if best.is_file():
-                shutil.copyfile(best, final)
+                copy_atomic(best, final)
             cost = {"train_seconds": seconds, "parameters": float(model.n_parameters()),
                     "peak_memory_mb": peak_memory_mb()}
             _log_outputs(logger, model_dir, cost)
-            _write_state(model_dir, cfg, family, logger.run_id, finished=True, cost=cost)
+            _write_state(model_dir, cfg, family, logger.run_id, model.trained_on, finished=True, cost=cost)
     return model_dir
 
 
@@ -140,6 +152,7 @@ def _log_outputs(logger: ResumableMLFlowLogger, model_dir: Path, cost: dict) -> 
     exp.log_artifact(run_id, str(model_dir / "model.ckpt"), artifact_path="checkpoint")
 
 
-def _write_state(model_dir: Path, cfg, family: str, run_id: str, finished: bool, cost=None) -> None:
-    state = {"config_hash": config_hash(cfg, family), "run_id": run_id, "finished": finished, "cost": cost or {}}
-    (model_dir / STATE_FILE).write_text(json.dumps(state) + "\n")
+def _write_state(model_dir: Path, cfg, family: str, run_id: str, trained_on: dict, finished: bool, cost=None) -> None:
+    state = {"config_hash": config_hash(cfg, family), "run_id": run_id, "trained_on": trained_on,
+             "finished": finished, "cost": cost or {}}
+    write_text_atomic(model_dir / STATE_FILE, json.dumps(state) + "\n")  # never half a state.json
