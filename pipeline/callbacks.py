@@ -81,7 +81,7 @@ class BestSampleQuality(pl.Callback):
         pl_module.log("val/fid", fid)
         if fid < self.best:
             self.best = fid
-            trainer.save_checkpoint(self.best_path)
+            trainer.save_checkpoint(self.best_path, weights_only=True)  # the model alone, as model.ckpt
 
     @torch.no_grad()
     def pooled_fid(self, pl_module, rank: int, world_size: int) -> float:
