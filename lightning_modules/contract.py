@@ -352,6 +352,11 @@ class GenerativeModel(pl.LightningModule):
         epochs, instead of the last one; None (the default): the last checkpoint is the model."""
         return None
 
+    def selects_on_sample_quality(self) -> bool:
+        """Whether the best-FID checkpoint (see `sample_quality_every_n_epochs`) becomes the model; False
+        keeps the FID curve but the last checkpoint, for a model whose purpose is not its samples alone."""
+        return True
+
     def sample_sweep(self) -> Dict[str, Dict[str, Any]]:
         """Further settings of `sample` for the evaluate stage to score as well: {suffix: keyword arguments}
         (a diffusion model's guidance scales, {"w2": {"guidance": 2.0}}; {} names the default setting, whose

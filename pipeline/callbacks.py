@@ -56,8 +56,8 @@ class FailOnNonFiniteLoss(pl.Callback):
 
 class BestSampleQuality(pl.Callback):
     """Every `every_n_epochs` (and at the last epoch), FID of `n` fresh samples against `real` (the validation
-    split), logged as `val/fid`; the checkpoint with the best FID so far is saved to `best_path`. For the
-    families that declare `sample_quality_every_n_epochs`.
+    split), logged as `val/fid`; the checkpoint with the best FID so far is saved to `best_path` (None: the curve
+    alone). For the families that declare `sample_quality_every_n_epochs`.
 
     The FID is a torchmetrics metric kept on the training device: each rank adds its share of the real split
     (once) and of the `n` samples, and computing it sums the feature moments across ranks, so under DDP it is
@@ -81,7 +81,8 @@ class BestSampleQuality(pl.Callback):
         pl_module.log("val/fid", fid)
         if fid < self.best:
             self.best = fid
-            trainer.save_checkpoint(self.best_path, weights_only=True)  # the model alone, as model.ckpt
+            if self.best_path is not None:
+                trainer.save_checkpoint(self.best_path, weights_only=True)  # the model alone, as model.ckpt
 
     @torch.no_grad()
     def pooled_fid(self, pl_module, rank: int, world_size: int) -> float:

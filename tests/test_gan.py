@@ -524,6 +524,29 @@ def test_objective_auto_follows_the_labels():
         GAN({"g_class_fm": -1.0}, EIGHT)
 
 
+@pytest.mark.parametrize("hidden", [False, True])
+def test_best_fid_checkpoint_is_the_model_unless_the_discriminator_classifies(tmp_path, hidden):
+    """The train stage's `BestSampleQuality` keeps the best-FID checkpoint for the projection GAN; for the
+    (K+1) one (hidden labels) it logs the same FID curve but keeps no best checkpoint: the last weights
+    are the classifier."""
+    from pipeline.callbacks import BestSampleQuality
+    from pipeline.evaluation.featnet import IdentityFeatures
+
+    x, y = eight_gaussians(64, np.random.default_rng(0))
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
+    train_y = torch.where(torch.arange(64) % 2 == 0, y, torch.full_like(y, UNLABELLED)) if hidden else y
+    model = GAN(TINY, EIGHT)
+    model.set_class_prior(train_y)
+    assert model.can_classify() == hidden and model.selects_on_sample_quality() == (not hidden)
+    best = tmp_path / "best.ckpt"
+    fid = BestSampleQuality(IdentityFeatures(2), x, best if model.selects_on_sample_quality() else None,
+                            every_n_epochs=1, n=64)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[fid])
+    trainer.fit(model, loader(x, 16, y=train_y), loader(x, 32, y=y))
+    assert math.isfinite(float(trainer.callback_metrics["val/fid"]))
+    assert best.is_file() == (not hidden)
+
+
 def test_classify_rows_are_log_probabilities_of_the_class_logits():
     model = GAN({**TINY, "objective": "k_plus_one"}, DIGITS)
     with torch.no_grad():

@@ -104,7 +104,8 @@ def train(cfg) -> Path:
     every = model.sample_quality_every_n_epochs()
     features = feature_extractor(cfg, dm.info) if every else None
     if features is not None:
-        callbacks.append(BestSampleQuality(features, dm.split("val")[0], model_dir / "best.ckpt", every))
+        best_path = model_dir / "best.ckpt" if model.selects_on_sample_quality() else None
+        callbacks.append(BestSampleQuality(features, dm.split("val")[0], best_path, every))
     # the data module shards per rank itself (pipeline.data.datamodule), so Lightning must not re-wrap it
     trainer = build_trainer(cfg, model.config.max_epochs, model_dir, logger=logger, callbacks=callbacks,
                             use_distributed_sampler=False)
