@@ -38,6 +38,18 @@ TINY = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run much faster on one thread than on OpenMP's on a shared 2-core machine; a module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

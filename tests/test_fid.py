@@ -8,17 +8,9 @@ import pytest
 import scipy.linalg
 import torch
 
+from fid_reference import digits_images, frechet_distance
 from pipeline.evaluation.featnet import ConvFeatures, IdentityFeatures
 from pipeline.evaluation.sample_metrics import extract, fid_kid, precision_recall
-
-
-def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), float64, unbiased covariances."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
 def unbiased_mmd2_cubic(a: np.ndarray, b: np.ndarray) -> float:
@@ -30,16 +22,6 @@ def unbiased_mmd2_cubic(a: np.ndarray, b: np.ndarray) -> float:
     kyy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     kxy = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / (m * m)
     return float(kxx + kyy - 2 * kxy)
-
-
-def digits_images(n: int, seed: int, classes=range(10)) -> torch.Tensor:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    g = torch.Generator().manual_seed(seed)
-    levels = torch.tensor(d.images[np.isin(d.target, list(classes))], dtype=torch.float32)[:, None]
-    idx = torch.randperm(len(levels), generator=g)[:n]
-    return (levels[idx] + torch.rand((n, 1, 8, 8), generator=g)) / 17
 
 
 @pytest.fixture(scope="module")

@@ -11,33 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch.multiprocessing as mp
 
+from fid_reference import digits_images, frechet_distance
 from pipeline.callbacks import BestSampleQuality
 from pipeline.evaluation.featnet import IdentityFeatures
 from pipeline.evaluation.sample_metrics import extract, fid_kid, fid_metric
-
-
-def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), float64, unbiased covariances (as tests/test_fid.py)."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
-def digits_images(n: int, seed: int, classes=range(10)) -> torch.Tensor:
-    """Dequantised sklearn digits of the given classes (as tests/test_fid.py)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    g = torch.Generator().manual_seed(seed)
-    levels = torch.tensor(d.images[np.isin(d.target, list(classes))], dtype=torch.float32)[:, None]
-    idx = torch.randperm(len(levels), generator=g)[:n]
-    return (levels[idx] + torch.rand((n, 1, 8, 8), generator=g)) / 17
 
 
 def gaussians(n: int, seed: int, mean: float, dim: int = 3) -> torch.Tensor:

@@ -31,13 +31,7 @@ DIGITS = {"shape": [1, 8, 8], "kind": "image", "levels": 17, "num_classes": 10}
 TINY = {"width": 8, "latent_dim": 2, "mlp_layers": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small nets run fastest single-threaded on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_trainer(tmp_path, **kw) -> pl.Trainer:

@@ -25,13 +25,7 @@ N_STATES, DIM, VOCAB = 3, 2, 5
 LENGTHS = [7, 12, 3, 12, 9, 1, 10]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than OpenMP on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- references ---------------------------------------------------------------------------------------

@@ -22,13 +22,7 @@ from scipy.special import logsumexp
 from lightning_modules.hmm import forward_backward as fb
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than OpenMP on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- strategies -----------------------------------------------------------------------------------------

@@ -24,13 +24,7 @@ LN2 = math.log(2)
 AUROC_TOL = 1e-6  # torchmetrics returns the AUROC as float32 (its fpr / tpr are float32): ~1e-7 rounding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than OpenMP on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Stub:

@@ -30,13 +30,7 @@ SOFTPLUS_GAP = math.log1p(math.exp(-20.0))
 magnitudes = st.sampled_from([0.0, 0.1, 1.0, 4.0, 25.0])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than OpenMP on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_array(rng, shape, scale, zero_fraction=0.25):

@@ -19,13 +19,7 @@ from pipeline.data.labelled import hide_labels, select_labelled
 TOY_INFO = {"shape": (2,), "kind": "vector", "num_classes": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than OpenMP on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def broad_and_tight(n: int = 1000, seed: int = 0):

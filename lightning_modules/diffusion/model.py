@@ -76,7 +76,6 @@ class Diffusion(GenerativeModel):
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
 
         def __post_init__(self):
-
             require_range(self, "ema_decay", "label_dropout", "dropout", low=0, high=1, high_open=True)
             require_range(self, "log_snr_max", "log_snr_min", "encode_log_snr")  # finite
             require(self.log_snr_max > self.log_snr_min, "log_snr_max",

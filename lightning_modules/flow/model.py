@@ -105,7 +105,6 @@ class Flow(GenerativeModel):
         semi_learn_base: bool = True
 
         def __post_init__(self):
-
             require_range(self, "scales", "steps_per_scale", "hidden_channels", "vector_steps", "hidden_features", low=1)
             require_range(self, "lr", "labelled_weight", low=0, low_open=True)
             require_range(self, "weight_decay", low=0)

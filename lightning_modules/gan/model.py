@@ -93,7 +93,6 @@ class GAN(GenerativeModel):
         collapse_std: float = 0.001
 
         def __post_init__(self):
-
             require_range(self, "latent_dim", "width", "mlp_layers", low=1)
             require_range(self, "lr_g", "lr_d", low=0, low_open=True)
             require_range(self, "beta1_g", "beta2_g", "beta1_d", "beta2_d", low=0, high=1, high_open=True)  # Adam's

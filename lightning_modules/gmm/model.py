@@ -54,7 +54,6 @@ class GMM(EMModel):
         class_components: int = 1
 
         def __post_init__(self):
-
             require_range(self, "n_components", "class_components", "init_subsample", low=1)
             require_range(self, "kmeans_iters", low=0)  # 0: the k-means++ seeds alone
             require_range(self, "reg_covar", "tol", low=0)

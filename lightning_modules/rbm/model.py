@@ -99,7 +99,6 @@ class RBM(GenerativeModel):
         max_label_boost: float = 16.0
 
         def __post_init__(self):
-
             require_range(self, "n_hidden", "cd_k", "n_chains", "ais_chains", "ais_steps", low=1)
             require_range(self, "sample_steps", "exact_max_hidden", low=0)  # 0 sweeps: the base model's draws
             require_range(self, "lr", "init_std", low=0, low_open=True, optional=True)  # null: by visible type

@@ -74,7 +74,6 @@ class VAE(GenerativeModel):
         labelled_draws: int = 64  # labelled examples drawn per step for eq. 9's classification term
 
         def __post_init__(self):
-
             require_range(self, "latent_dim", "hidden", "channels", "iwae_k", "semi_classes", low=1)
             require_range(self, "lr", low=0, low_open=True)
             require_range(self, "beta", "alpha", "labelled_draws", low=0)
