@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import typing
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Dict, Literal, Mapping, Optional, Tuple
@@ -156,6 +157,17 @@ def require_range(config, *keys: str, **bounds) -> None:
         problem = out_of_range(getattr(config, key), **bounds)
         if problem is not None:
             raise ConfigError(key, problem)
+
+
+def progress(items, description: str, total: Optional[int] = None):
+    """`items` in a tqdm bar labelled `description` (gone once done) when stderr is a terminal, else `items`
+    itself: the long evaluation steps (AIS, likelihood bounds, sampling, feature extraction) show progress to
+    a person and print nothing into logs, CI or DVC's captured output."""
+    if not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -338,6 +350,11 @@ class GenerativeModel(pl.LightningModule):
     def token_count(self, x: Tensor) -> Optional[Tensor]:
         """Real tokens per example for models of token sequences (perplexity is per token); None otherwise."""
         return None
+
+    def likelihood_diagnostics(self) -> Dict[str, float]:
+        """Diagnostics of an estimated likelihood, logged beside `test/nll` as `test/<name>` (the RBM's AIS:
+        effective sample size and the standard error of log Z). Default: none."""
+        return {}
 
     def anomaly_score(self, x: Tensor) -> Tensor:
         """Higher = more anomalous. Default: the negative log-likelihood."""

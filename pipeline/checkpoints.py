@@ -98,21 +98,94 @@ def load_any(model: str):
     return load_model_uri(model) if ":/" in model else load_model(Path(model))
 
 
-def log_mlflow_model(model, checkpoint: Path, example: torch.Tensor, name: str = "model") -> Optional[str]:
+def log_mlflow_model(model, checkpoint: Path, example: torch.Tensor, name: str = "model",
+                     registered_model_name: Optional[str] = None):
     """Log the model into the active run as a pyfunc model (data in -> `model.forward` out) whose artifact is
-    `checkpoint`, loaded by genzoo's installed `pipeline.serving` module: no pickle (see that module)."""
+    `checkpoint`, loaded by genzoo's installed `pipeline.serving` module: no pickle (see that module). It carries
+    its signature, `example` as its input example and `model_requirements()`; `registered_model_name` also
+    registers it as a new version of that model. Returns MLflow's ModelInfo (`model_uri`,
+    `registered_model_version`)."""
     import shutil
     import tempfile
 
     import mlflow.pyfunc
     from mlflow.models import infer_signature
 
+    x = example.detach().cpu().numpy()
     with torch.no_grad():
         out = model(example).detach().cpu().numpy()
-    signature = infer_signature(example.numpy(), out)
+    signature = infer_signature(x, out)
     with tempfile.TemporaryDirectory() as tmp:  # the artifact keeps the fixed name CHECKPOINT
         data = Path(tmp) / CHECKPOINT
         shutil.copyfile(checkpoint, data)
-        info = mlflow.pyfunc.log_model(name=name, loader_module=LOADER_MODULE, data_path=str(data),
-                                       signature=signature, pip_requirements=["torch", "pytorch-lightning", "genzoo"])
-    return info.model_uri
+        return mlflow.pyfunc.log_model(name=name, loader_module=LOADER_MODULE, data_path=str(data),
+                                       signature=signature, input_example=x, pip_requirements=model_requirements(),
+                                       registered_model_name=registered_model_name)
+
+
+# Where a logged model is loaded elsewhere (`mlflow models serve`, a fresh virtualenv), pip installs these.
+# GENZOO_PIP_REQUIREMENT replaces genzoo's own line (e.g. `genzoo==0.1.0` from a private index).
+PIP_REQUIREMENT_ENV = "GENZOO_PIP_REQUIREMENT"
+
+
+def model_requirements() -> list:
+    """genzoo (`genzoo_requirement`), and the torch and Lightning versions that wrote the checkpoint (without
+    a local build tag such as `+cu130`, which only the PyTorch index resolves)."""
+    from importlib.metadata import version
+
+    return [genzoo_requirement(), f"torch=={torch.__version__.split('+')[0]}",
+            f"pytorch-lightning=={version('pytorch-lightning')}"]
+
+
+def genzoo_requirement() -> str:
+    """genzoo as pip can install it elsewhere: `$GENZOO_PIP_REQUIREMENT` if set; else the git URL and commit it
+    was installed from (a `pip install git+...`, or an install of a git clone whose `origin` remote is set:
+    `genzoo @ git+<origin>@<HEAD>`, which must be pushed, and holds no uncommitted change); else the local
+    folder (`genzoo @ file:///...`: this machine only); else `genzoo==<version>` (from an index that has it)."""
+    import json
+    import os
+    from importlib.metadata import distributions
+
+    if os.environ.get(PIP_REQUIREMENT_ENV):
+        return os.environ[PIP_REQUIREMENT_ENV]
+    found = list(distributions(name="genzoo"))  # a source tree's genzoo.egg-info may come first on sys.path
+    if not found:
+        return "genzoo"
+    dist = next((d for d in found if d.read_text("direct_url.json")), found[0])
+    try:
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    except ValueError:
+        direct = {}
+    url, vcs = direct.get("url", ""), direct.get("vcs_info")
+    if vcs and url:
+        return f"genzoo @ {vcs.get('vcs', 'git')}+{url}@{vcs.get('commit_id') or vcs.get('requested_revision')}"
+    if url.startswith("file://"):
+        folder = Path(url[len("file://"):])
+        remote = _git_origin(folder)
+        if remote is not None:
+            return f"genzoo @ git+{remote[0]}@{remote[1]}"
+        if folder.is_dir():
+            return f"genzoo @ {url}"
+    return f"genzoo=={dist.version}"
+
+
+def _git_origin(folder: Path):
+    """(pip URL of the `origin` remote, HEAD commit) of a git checkout, or None."""
+    import re
+    import subprocess
+
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        origin, head = git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not origin or not head:
+        return None
+    scp = re.fullmatch(r"(?:([\w.-]+)@)?([\w.-]+):(?!//)(.+)", origin)  # git@host:org/repo.git
+    if "://" not in origin and scp and not Path(origin).exists():
+        origin = f"ssh://{scp.group(1) + '@' if scp.group(1) else ''}{scp.group(2)}/{scp.group(3)}"
+    elif "://" not in origin:  # a local path
+        origin = Path(origin).resolve().as_uri()
+    return origin, head

@@ -1,14 +1,14 @@
 """`genzoo <command> [options] [key=value ...]`: the pipeline stages and tools behind one console script.
 
 Every params.yaml key can be overridden in Hydra's grammar (`vae.latent_dim=8 trainer.devices=2`);
-`family=<name>` picks the family. `genzoo train -m vae.beta=0.5,1,2` sweeps (one MLflow run per point);
-`genzoo config [key=value ...]` prints the resolved config. `genzoo <command> --help` lists a command's
+`family=<name>` picks the family. `genzoo train -m family=vae vae.beta=0.5,1,2` sweeps: each point is trained
+into data/sweeps/<family>/<point>/ and evaluated, one MLflow run per point; `genzoo compare --sweep` shows
+it. `genzoo config [key=value ...]` prints the resolved config. `genzoo <command> --help` lists a command's
 options.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 from typing import Callable, Dict, List, Tuple
@@ -45,16 +45,32 @@ def cmd_featnet(cfg, args):
 
 
 def cmd_train(cfg, args):
+    """A plain run trains only (dvc.yaml's evaluate stage follows); a sweep point is trained, then evaluated."""
     from pipeline.stages.train import train
 
-    print(f"trained {cfg.family}: {train(cfg)}")
+    point = args.point
+    if point is not None:
+        from pipeline.stages.evaluate import preflight
+
+        preflight(cfg)
+    model_dir = train(cfg, point)
+    print(f"trained {cfg.family}: {model_dir}")
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if point is not None and rank_zero_only.rank == 0:  # under torchrun or srun, one evaluation per point
+        from pipeline.stages.evaluate import evaluate
+
+        _print_metrics(f"{cfg.family} {point.slug}", evaluate(cfg, point))
 
 
 def cmd_evaluate(cfg, args):
     from pipeline.stages.evaluate import evaluate
 
-    r = evaluate(cfg)
-    print(f"{cfg.family}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items())))
+    _print_metrics(cfg.family, evaluate(cfg))
+
+
+def _print_metrics(name: str, result: dict) -> None:
+    print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result["metrics"].items())))
 
 
 def cmd_report(cfg, args):
@@ -72,7 +88,14 @@ def cmd_sample(cfg, args):
 def cmd_compare(cfg, args):
     from pipeline.stages.compare import compare
 
-    compare(cfg, args.runs, args.experiment)
+    compare(cfg, args.runs, args.experiment, sweep=args.sweep, every=args.all)
+
+
+def _sweep_option_is_an_override(args) -> None:
+    """`compare --sweep key=value`: argparse gives the override to --sweep's optional ID; a sweep id has no `=`."""
+    if getattr(args, "sweep", None) and "=" in args.sweep:
+        args.overrides.insert(0, args.sweep)
+        args.sweep = "latest"
 
 
 def cmd_ui(cfg, args):
@@ -99,7 +122,9 @@ def _version() -> str:
 
 
 def _options_train(p):
-    p.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated override values (a=1,2 b=x,y)")
+    p.add_argument("-m", "--multirun", action="store_true",
+                   help="sweep comma-separated override values (a=1,2 b=x,y): each point is trained into "
+                        "data/sweeps/<family>/<point>/ and evaluated; `genzoo compare` shows the sweep")
 
 
 def _options_sample(p):
@@ -114,6 +139,11 @@ def _options_sample(p):
 def _options_compare(p):
     p.add_argument("--runs", default=None, help="comma-separated MLflow run ids (default: the latest run per family)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: genzoo-<dataset>)")
+    p.add_argument("--sweep", nargs="?", const="latest", default=None, metavar="ID",
+                   help="one row per point of a `genzoo train -m` sweep: the latest (of family=<name>, if given), "
+                        "or the sweep ID (the runs' genzoo.sweep tag)")
+    p.add_argument("--all", action="store_true",
+                   help="one row per finished run (of family=<name>, if given): pipeline runs and sweep points")
 
 
 def _options_ui(p):
@@ -152,7 +182,7 @@ def parsers() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParse
         c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (Hydra grammar)")
         if options is not None:
             options(c)
-        c.set_defaults(handler=handler, multirun=False, command=name)
+        c.set_defaults(handler=handler, multirun=False, command=name, point=None)
         commands[name] = c
     return top, commands
 
@@ -163,19 +193,16 @@ def parse(argv: List[str]) -> argparse.Namespace:
     top, commands = parsers()
     if not argv or argv[0] not in commands:
         return top.parse_args(argv)  # --help, --version, or a usage error naming the commands
-    return commands[argv[0]].parse_intermixed_args(argv[1:])
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    _sweep_option_is_an_override(args)
+    return args
 
 
 def sweep(overrides: List[str]) -> List[List[str]]:
     """Hydra's sweep grammar (`a=1,2 b=x,y`) expanded to the cartesian product of plain overrides."""
-    from pipeline.config import parse_overrides
+    from pipeline.sweeps import expand
 
-    axes = []
-    for ov in parse_overrides(overrides):
-        key = ov.get_key_element()
-        values = [str(v) for v in ov.sweep_string_iterator()] if ov.is_sweep_override() else [ov.get_value_element_as_str()]
-        axes.append([f"{key}={v}" for v in values])
-    return [list(point) for point in itertools.product(*axes)]
+    return expand(overrides)[0]
 
 
 def run(argv: List[str]) -> None:
@@ -184,12 +211,33 @@ def run(argv: List[str]) -> None:
     from pipeline.config import load_config
 
     handler: Callable = args.handler
-    points = sweep(args.overrides) if args.multirun else [args.overrides]
-    for point in points:
-        cfg = load_config(point)
-        if len(points) > 1:
-            print(f"sweep point: {' '.join(point)}")
-        handler(cfg, args)
+    if not args.multirun:
+        handler(load_config(args.overrides), args)
+        return
+    run_sweep(args, load_config)
+
+
+def run_sweep(args, load_config) -> None:
+    """Every point's config is validated before any work; a point that fails (a diverged GAN, say) is reported
+    and the sweep goes on; it ends with exit code 2 when any point failed."""
+    from pipeline.sweeps import expand, new_sweep_id, sweep_point
+
+    points, swept = expand(args.overrides)
+    configs = [load_config(p) for p in points]
+    sweep_id = new_sweep_id()
+    named = [sweep_point(sweep_id, p, swept, cfg.family or "") for p, cfg in zip(points, configs)]
+    print(f"sweep {sweep_id}: {len(points)} point(s)")
+    failed = []
+    for i, (cfg, point) in enumerate(zip(configs, named), 1):
+        print(f"sweep point {i}/{len(points)}: {' '.join(point.overrides) or '(no overrides)'}")
+        args.point = point
+        try:
+            args.handler(cfg, args)
+        except GenzooError as e:
+            print(f"genzoo: error: sweep point {point.slug}: {e}", file=sys.stderr)
+            failed.append(point.slug)
+    if failed:
+        raise GenzooError(f"{len(failed)} of {len(points)} sweep points failed: {', '.join(failed)}")
 
 
 def main(argv=None) -> None:

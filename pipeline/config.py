@@ -35,6 +35,9 @@ class DataConfig:
     toy_samples: int = 20000  # toy2d only: examples in train+val+test
     holdout_class: Optional[int] = None  # a class left out of training, used as anomalies
     labels_per_class: Optional[int] = None  # semi-supervised: keep this many seeded training labels per class
+    image_size: Optional[int] = None  # imagefolder: resize to image_size x image_size (None: keep; one size for all)
+    channels: Optional[int] = None  # imagefolder: 1 (grayscale) or 3 (RGB); None: 1 when every image is grayscale
+    label_column: Optional[str] = "label"  # csv: the label column (None: no labels; a missing `label`: no labels)
     batch_size: int = 128
     num_workers: int = 0
 
@@ -81,8 +84,11 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir
-    experiment: Optional[str] = None  # None: genzoo-<dataset>
+    experiment: Optional[str] = None  # None: genzoo-<dataset slug>
     log_model: bool = True
+    register: bool = False  # evaluate registers the logged model as genzoo-<dataset slug>-<family>
+    champion_metric: str = "test/nll"  # the alias `champion` goes to the registered version best by this metric
+    champion_mode: str = "min"  # min: lower is better (test/nll, test/fid); max: higher (test/probe_acc)
 
 
 def _plain_type(annotation):
@@ -204,6 +210,7 @@ RANGES = {
     "data.toy_samples": dict(low=3),  # one example each for train, val and test at the least
     "data.holdout_class": dict(low=0, optional=True),  # and a class of the dataset: `runtime.check_data_settings`
     "data.labels_per_class": dict(low=1, optional=True),
+    "data.image_size": dict(low=1, optional=True),
     "data.batch_size": dict(low=1),
     "data.num_workers": dict(low=0),
     "trainer.num_nodes": dict(low=1),
@@ -280,6 +287,10 @@ def validate(cfg: DictConfig) -> None:
         except ConfigError as e:
             raise bad_value(f"{fam}.{e.key}", e.message) from None
     validate_dataset_name(cfg.data.dataset)
+    if cfg.data.channels is not None:
+        _check_choice("data.channels", cfg.data.channels, (1, 3))
+    if cfg.data.label_column is not None and not cfg.data.label_column.strip():
+        raise bad_value("data.label_column", "must name a CSV column, or be null (no labels), not ''")
     for key, bounds in RANGES.items():
         problem = out_of_range(OmegaConf.select(cfg, key), **bounds)
         if problem is not None:
@@ -301,6 +312,19 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.fid.features == "inception" and not cfg.eval.fid.inception_weights:
         raise bad_value("eval.fid.inception_weights", "must name a local InceptionV3 weights file when "
                                                       "eval.fid.features=inception, not null")
+    _check_tracking(cfg.tracking)
+
+
+def _check_tracking(t) -> None:
+    import re
+
+    if not re.fullmatch(r"(test|perf)/[A-Za-z0-9_.]+", t.champion_metric):
+        raise bad_value("tracking.champion_metric", f"must name an evaluation metric as test/<name> or perf/<name> "
+                                                    f"(test/nll, test/fid, ...), not {t.champion_metric!r}")
+    _check_choice("tracking.champion_mode", t.champion_mode, ("min", "max"))
+    if t.register and not t.log_model:
+        raise bad_value("tracking.register", "true needs tracking.log_model=true (the registered model is the logged "
+                                             "one), not tracking.log_model=false")
 
 
 def require_family(cfg: DictConfig) -> str:

@@ -5,44 +5,61 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
+from pipeline.data.names import dataset_slug
 from pipeline.errors import GenzooError
 
 REPORTS = Path("reports")
 FEATNET_REPORT = REPORTS / "featnet.json"  # featnet accuracy and the real-data floor
 METRICS_JSON = REPORTS / "metrics.json"  # DVC metrics: one row per family
 INDEX_HTML = REPORTS / "index.html"
-PLOTS = REPORTS / "plots"  # DVC plot data, one file per family
+PLOTS = REPORTS / "plots"  # DVC plot data, one file per family: its validation loss by step
+ROC_PLOTS = REPORTS / "roc"  # DVC plot data, one file per family with an anomaly ROC (data.holdout_class)
 FEATNET_FILE = "featnet.ckpt"
 STATE_FILE = "state.json"  # beside a family's checkpoints: config hash, run id, finished or not
 
 
 def prepared_dir(data_cfg) -> Path:
-    """`<data.root>/prepared/<dataset>/`: the fetch stage's splits and manifest."""
-    return Path(data_cfg.root) / "prepared" / data_cfg.dataset.replace(":", "-")
+    """`<data.root>/prepared/<dataset slug>/`: the fetch stage's splits and manifest (`toy2d-moons`, `wine` for
+    `csv:data/user/wine.csv`: one folder, never a path nested under it; `pipeline/data/names.py`)."""
+    return Path(data_cfg.root) / "prepared" / dataset_slug(data_cfg.dataset)
 
 
 def featnet_dir(cfg) -> Path:
     return Path(cfg.data.root) / "featnet"
 
 
-def models_dir(cfg, family: str) -> Path:
-    """`<data.root>/models/<family>/`: model.ckpt, last.ckpt, state.json, mlflow_run.json, config.yaml."""
+# A sweep point (`genzoo train -m`) has its own folders, named by its slug (`n_components=3`): outside
+# `data/models/<family>` (the train stage's DVC output, which a default run clears) and outside
+# `reports/families` and `reports/samples` (the evaluate stage's DVC outputs).
+SWEEPS = "sweeps"
+
+
+def models_dir(cfg, family: str, point: Optional[str] = None) -> Path:
+    """`<data.root>/models/<family>/`: model.ckpt, last.ckpt, state.json, mlflow_run.json, config.yaml; a sweep
+    point's in `<data.root>/sweeps/<family>/<point>/`."""
+    if point:
+        return Path(cfg.data.root) / SWEEPS / family / point
     return Path(cfg.data.root) / "models" / family
 
 
-def family_report_path(family: str) -> Path:
-    return REPORTS / "families" / f"{family}.json"
+def _reports_dir(kind: str, family: str, point: Optional[str]) -> Path:
+    """`reports/<kind>/`, or a sweep point's `reports/sweeps/<family>/<point>/`."""
+    return REPORTS / SWEEPS / family / point if point else REPORTS / kind
 
 
-def samples_png(family: str) -> Path:
-    return REPORTS / "samples" / f"{family}.png"
+def family_report_path(family: str, point: Optional[str] = None) -> Path:
+    return _reports_dir("families", family, point) / f"{family}.json"
 
 
-def class_samples_png(family: str) -> Path:
+def samples_png(family: str, point: Optional[str] = None) -> Path:
+    return _reports_dir("samples", family, point) / f"{family}.png"
+
+
+def class_samples_png(family: str, point: Optional[str] = None) -> Path:
     """One row of samples per requested class."""
-    return REPORTS / "samples" / f"{family}_by_class.png"
+    return _reports_dir("samples", family, point) / f"{family}_by_class.png"
 
 
 # --- writing: atomically -----------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 Default store: sqlite `mlflow.db` in the working directory; `tracking.uri` or `MLFLOW_TRACKING_URI`
 override it. Telemetry is off unless the user turned it on. A family's training and evaluation share
 one run: train writes its id to `mlflow_run.json` beside the checkpoint and evaluate reopens it.
+
+Names: the experiment `genzoo-<dataset slug>`, a run `<family>-<dataset slug>` (a sweep point's with the
+point appended: `gmm-toy2d-moons-n_components=3`), a registered model `genzoo-<dataset slug>-<family>` whose
+alias `champion` is its best version by `tracking.champion_metric` (`promote_champion`).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from pipeline.data.names import dataset_slug
 from pipeline.errors import GenzooError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -43,7 +48,17 @@ def tracking_uri(cfg) -> str:
 
 
 def experiment_name(cfg) -> str:
-    return cfg.tracking.experiment or f"genzoo-{cfg.data.dataset.replace(':', '-')}"
+    return cfg.tracking.experiment or f"genzoo-{dataset_slug(cfg.data.dataset)}"
+
+
+def run_name(cfg, family: str, point=None) -> str:
+    """`<family>-<dataset slug>`; a sweep point's (`pipeline.sweeps.SweepPoint`) ends with the point's slug."""
+    name = f"{family}-{dataset_slug(cfg.data.dataset)}"
+    return f"{name}-{point.slug}" if point is not None else name
+
+
+def registered_model_name(cfg, family: str) -> str:
+    return f"genzoo-{dataset_slug(cfg.data.dataset)}-{family}"
 
 
 def git_commit() -> str:
@@ -54,7 +69,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_tags(cfg, family: str, manifest: dict) -> dict:
+SWEEP_TAG = "genzoo.sweep"  # the sweep's id: every point of one `genzoo train -m` shares it
+SWEEP_POINT_TAG = "genzoo.sweep_point"  # the point's swept overrides (`gmm.n_components=3`)
+DVC_EXPERIMENT_TAG = "genzoo.dvc_experiment"
+DVC_EXP_NAME = "DVC_EXP_NAME"  # what `dvc exp run` names the experiment it runs the stages of (dvc.env)
+
+
+def run_tags(cfg, family: str, manifest: dict, point=None) -> dict:
     return {
         "genzoo.family": family,
         "genzoo.dataset": cfg.data.dataset,
@@ -62,7 +83,20 @@ def run_tags(cfg, family: str, manifest: dict) -> dict:
         "genzoo.data_hash": manifest["content_hash"],
         # semi-supervised runs (`data.labels_per_class`) are told apart from the fully labelled ones in the UI
         "genzoo.labels_per_class": str(cfg.data.labels_per_class) if cfg.data.labels_per_class is not None else "all",
+        **context_tags(point),
     }
+
+
+def context_tags(point=None) -> dict:
+    """What a run was part of: the DVC experiment (`dvc exp run` sets DVC_EXP_NAME for the stages it runs, in the
+    workspace, a queue or a temporary copy) and the sweep point."""
+    tags = {}
+    if os.environ.get(DVC_EXP_NAME):
+        tags[DVC_EXPERIMENT_TAG] = os.environ[DVC_EXP_NAME]
+    if point is not None:
+        tags[SWEEP_TAG] = point.sweep_id
+        tags[SWEEP_POINT_TAG] = " ".join(point.overrides)
+    return tags
 
 
 def client(cfg):
@@ -217,3 +251,44 @@ def failing_marks_run(cfg, run_id_getter):
         except Exception:  # a store that cannot take the mark (full, read-only): the first error is the one to show
             pass
         raise
+
+
+# --- the model registry -----------------------------------------------------------------------------
+CHAMPION = "champion"
+
+
+def _metric_of(c, run_id: Optional[str], metric: str) -> Optional[float]:
+    """The run's latest value of `metric`; None when the run, or the metric, is missing or NaN."""
+    import math
+
+    if not run_id:
+        return None
+    try:
+        value = c.get_run(run_id).data.metrics.get(metric)
+    except Exception:  # a deleted run: its version cannot be compared
+        return None
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def promote_champion(cfg, name: str, version, run_id: str) -> bool:
+    """Give `version` of the registered model `name` (logged by `run_id`) the alias `champion` when its run's
+    `tracking.champion_metric` beats the current champion's run's (`tracking.champion_mode`: min or max; a tie
+    keeps the champion). A version without the metric never becomes champion; a champion without it is
+    replaced. True when `version` is the champion afterwards."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(cfg)
+    metric, mode = cfg.tracking.champion_metric, cfg.tracking.champion_mode
+    new = _metric_of(c, run_id, metric)
+    if new is None:
+        return False
+    try:
+        current = c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        current = None
+    if current is not None and str(current.version) != str(version):
+        old = _metric_of(c, current.run_id, metric)
+        if old is not None and not (new < old if mode == "min" else new > old):
+            return False
+    c.set_registered_model_alias(name, CHAMPION, str(version))
+    return True

@@ -171,7 +171,7 @@ def test_dvc_yaml_code_dependencies_are_exact(stage):
 
 # --- a real `dvc status` after editing one family file -------------------------------------------------
 OUTPUTS = ["data/prepared/x", "data/featnet/x", "reports/featnet.json", "reports/index.html", "reports/metrics.json",
-           "reports/plots/x.json"] + [p for f in FAMILIES for p in (f"data/models/{f}/x", f"reports/families/{f}.json",
+           "reports/plots/x.json", "reports/roc/x.json"] + [p for f in FAMILIES for p in (f"data/models/{f}/x", f"reports/families/{f}.json",
                                                                      f"reports/samples/{f}.png")]
 
 
@@ -188,7 +188,8 @@ def dvc_project(tmp_path_factory):
     root = tmp_path_factory.mktemp("dvcproj")
     for name in ("pipeline", "lightning_modules"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", "data/user/README.md"):  # data/user: the fetch stage's user files
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     for out in OUTPUTS:
         (root / out).parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +220,18 @@ def test_editing_one_file_changes_only_the_stages_that_run_it(dvc_project, edite
         assert status(dvc_project) == expected
     finally:
         path.write_text(original)
+    assert status(dvc_project) == set()
+
+
+def test_a_users_file_in_data_user_reruns_only_the_fetch(dvc_project):
+    """`data.dataset=csv:data/user/<file>`: a file added to (or changed in) data/user re-runs the fetch (what
+    follows re-runs when the prepared data change); with the folder as it was, nothing is stale."""
+    added = dvc_project / "data" / "user" / "mine.csv"
+    added.write_text("a,b\n1,2\n")
+    try:
+        assert status(dvc_project) == {"fetch"}
+    finally:
+        added.unlink()
     assert status(dvc_project) == set()
 
 

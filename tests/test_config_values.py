@@ -29,6 +29,9 @@ BAD = {
     "data.toy_samples": 0,
     "data.holdout_class": -1,  # a class the dataset lacks: test_holdout_class_must_be_a_class_of_the_data
     "data.labels_per_class": 0,
+    "data.image_size": 0,
+    "data.channels": 2,
+    "data.label_column": "''",  # a name, or null for no labels
     "data.batch_size": 0,
     "data.num_workers": -1,
     # trainer
@@ -56,6 +59,9 @@ BAD = {
     "eval.grid_size": 0,
     "eval.fid.features": "pixels",
     "tracking.log_model": "maybe",
+    "tracking.register": "maybe",
+    "tracking.champion_metric": "nll",  # a metric's MLflow name: test/nll
+    "tracking.champion_mode": "lowest",
     # gmm
     "gmm.n_components": 0,
     "gmm.covariance_type": "banana",
@@ -238,8 +244,23 @@ def test_a_bad_value_is_refused_naming_the_key(params, key):
 @pytest.mark.parametrize("override", ["trainer.devices=auto", "trainer.devices=-1", "trainer.devices=[0,1]",
                                       "trainer.devices='0,1'", "trainer.precision=16", "trainer.precision=bf16-mixed",
                                       "trainer.strategy=ddp", "data.holdout_class=0", "rbm.lr=null",
-                                      "data.dataset=toy2d:moons", "diffusion.guidance=-1"])
+                                      "data.dataset=toy2d:moons", "diffusion.guidance=-1",
+                                      "tracking.champion_metric=test/fid", "tracking.champion_mode=max",
+                                      "tracking.champion_metric=perf/train_seconds", "tracking.register=true"])
 def test_good_values_pass(params, override):
+    load_config([override], params_file=params)
+
+
+def test_registering_needs_the_logged_model(params):
+    with pytest.raises(GenzooError, match="'tracking.register'.*tracking.log_model=true"):
+        load_config(["tracking.register=true", "tracking.log_model=false"], params_file=params)
+
+
+@pytest.mark.parametrize("override", ["data.dataset=csv:data/user/wine.csv", "data.dataset=imagefolder:/abs/pets",
+                                      "data.dataset=npz:x.npz", "data.dataset=text:book.txt", "data.image_size=32",
+                                      "data.channels=3", "data.label_column=null", "data.label_column=target"])
+def test_good_data_values_pass(params, override):
+    """A user source's file is checked by the fetch stage (tests/test_user_data.py), not by the config."""
     load_config([override], params_file=params)
 
 

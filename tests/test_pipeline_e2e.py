@@ -45,11 +45,12 @@ def repro(tmp_path_factory):
     env.pop("MLFLOW_TRACKING_URI", None)
     run(["git", "clone", "-q", str(ROOT), str(project)], project.parent, env)
     # the working tree's pipeline (not only HEAD's) is what this test checks
-    for name in ("pipeline", "lightning_modules", "dvc.yaml"):
+    for name in ("pipeline", "lightning_modules", "dvc.yaml", "params.yaml", "data/user/README.md"):
         src, dst = ROOT / name, project / name
         if src.is_dir():
             shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in TINY.items():
@@ -185,6 +186,53 @@ def test_forced_rerun_gives_bit_identical_metrics(repro):
         assert not differ, f"{f}: {differ}"
 
 
+def test_dvc_plots_show_renders_the_curves_and_sample_grids(repro):
+    """`dvc plots show --json` (DVC's own renderer): a validation-loss curve and a sample-grid image per
+    family, with the curve's rows read back from the report's files."""
+    project, env, params, _ = repro
+    out = subprocess.run(["dvc", "plots", "show", "--json"], cwd=project, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert not shown.get("errors"), shown["errors"]
+    plots = shown["data"]
+    for family in params["families"]:
+        assert [p["type"] for p in plots[f"reports/samples/{family}.png"]] == ["image"], family
+        curve = plots[f"reports/plots/{family}.json"]
+        assert [p["type"] for p in curve] == ["vega"], family
+        rows = json.loads((project / "reports/plots" / f"{family}.json").read_text())
+        values = curve[0]["content"]["data"]["values"]
+        assert [(v["step"], v["val_loss"]) for v in values] == [(r["step"], r["val_loss"]) for r in rows], family
+    html_out = subprocess.run(["dvc", "plots", "show", "-o", str(project.parent / "dvc_plots")], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert html_out.returncode == 0, html_out.stderr
+    page = (project.parent / "dvc_plots" / "index.html").read_text()
+    assert all(f"reports_samples_{family}.png" in page for family in params["families"])
+
+
+def _file_hashes(root: Path, folders) -> dict:
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
+def test_push_to_and_pull_from_a_local_remote_is_bit_identical(repro, tmp_path):
+    """`dvc push` to a local remote, the cached outputs and the cache deleted, `dvc pull`: every file is back
+    with the same bytes, and the pipeline is up to date."""
+    project, env, _, _ = repro
+    cached = ["data/prepared", "data/featnet", "data/models"]
+    before = _file_hashes(project, cached)
+    assert len(before) > 10
+    run(["dvc", "remote", "add", "--local", "-f", "-d", "scratch", str(tmp_path / "remote")], project, env)
+    run(["dvc", "push"], project, env)
+    for folder in cached + [".dvc/cache"]:
+        shutil.rmtree(project / folder)
+    run(["dvc", "pull"], project, env)
+    assert _file_hashes(project, cached) == before
+    assert "up to date" in run(["dvc", "repro"], project, env).lower()
+
+
 def test_queued_dvc_experiment_logs_into_the_projects_store(repro):
     """`dvc exp run --queue -S vae.latent_dim=4` + `--run-all`: DVC runs the experiment in a copy of the
     project under .dvc/tmp/exps/ and deletes it; its MLflow run must land in the project's mlflow.db, and
@@ -201,6 +249,9 @@ def test_queued_dvc_experiment_logs_into_the_projects_store(repro):
     latent = db.execute("""select r.status from runs r join params p on p.run_uuid = r.run_uuid
                            where p.key = 'vae.latent_dim' and p.value = '4'""").fetchall()
     assert latent == [("FINISHED",)], latent
+    named = db.execute("""select t.value from tags t join params p on p.run_uuid = t.run_uuid
+                          where p.key = 'vae.latent_dim' and p.value = '4' and t.key = 'genzoo.dvc_experiment'""").fetchall()
+    assert len(named) == 1 and named[0][0], named  # the queued experiment's name (DVC_EXP_NAME)
     out = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     shown = json.dumps(json.loads(out.stdout))

@@ -447,6 +447,21 @@ def test_class_ais_matches_brute_force(visible, d):
         log_z_y = torch.logsumexp(neg_e.flatten(0, 1), 0)
     torch.testing.assert_close(m.class_log_z, log_z_y, atol=0.05, rtol=0)
     assert float(m.log_z) == pytest.approx(float(torch.logsumexp(log_z_y, 0)), abs=0.05)
+    diagnostics = m.likelihood_diagnostics()  # the worst class's ESS of its 100 chains; log Z's standard error
+    assert set(diagnostics) == {"ais_ess", "ais_log_z_se"}
+    assert 1.0 <= diagnostics["ais_ess"] <= 100.0 and 0.0 < diagnostics["ais_log_z_se"] < 0.05
+
+
+def test_ais_diagnostics_only_for_an_estimated_log_z():
+    """An enumerated log Z has no AIS diagnostics; an AIS one has its chains' ESS (at most `ais_chains`) and a
+    standard error that covers the estimate's actual error against enumeration (within 4 standard errors)."""
+    assert random_rbm(4, 3, "bernoulli", exact_max_hidden=3).likelihood_diagnostics() == {}
+    m = random_rbm(8, 6, "bernoulli", weight_scale=0.5, exact_max_hidden=0)
+    m.config.ais_steps, m.config.ais_chains = 500, 200
+    diagnostics = m.likelihood_diagnostics()
+    exact = m.energy().detached(torch.float64).log_z_enumerate()
+    assert 1.0 <= diagnostics["ais_ess"] <= 200.0
+    assert 0.0 < diagnostics["ais_log_z_se"] and abs(float(m.log_z) - exact) <= 4 * diagnostics["ais_log_z_se"] + 1e-3
 
 
 @pytest.mark.parametrize("visible, d", [("bernoulli", 4), ("categorical", 2), ("ordinal", 2)])

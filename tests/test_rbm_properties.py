@@ -17,6 +17,7 @@ from scipy.integrate import quad
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
+from lightning_modules.common.ais import effective_sample_size, log_z_standard_error
 from lightning_modules.rbm.energy import RBMEnergy
 from lightning_modules.rbm.labels import LabelUnits
 from lightning_modules.rbm.model import RBM
@@ -237,3 +238,20 @@ def test_module_exact_log_prob_matches_enumeration(d, h, visible, scale, seed):
         got = m.log_prob(torch.from_numpy(x)).numpy()
     log_z_terms = d if visible == "bernoulli" else 0
     assert np.allclose(got, log_p_state + d * math.log(bins), rtol=1e-12, atol=1e-9 + (h + log_z_terms) * SOFTPLUS_GAP)
+
+
+# --- AIS diagnostics ------------------------------------------------------------------------------------
+@given(st.lists(st.one_of(st.just(0.0), st.floats(-30, 30)), min_size=1, max_size=40),
+       st.sampled_from([0.0, -1e4, 1e4, -700.0]))
+def test_ais_diagnostics_equal_the_plain_formulas_at_any_offset(log_w, offset):
+    """Kish's ESS (sum w)^2 / sum w^2 and the delta-method standard error sd(w) / (sqrt(n) mean(w)), computed by
+    numpy on the plain weights, against the functions given log weights shifted by a constant (one that
+    overflows or underflows exp in float64: neither quantity depends on it)."""
+    w = np.exp(np.asarray(log_w, dtype=np.float64))
+    shifted = torch.tensor(log_w, dtype=torch.float64) + offset
+    assert float(effective_sample_size(shifted)) == pytest.approx(w.sum() ** 2 / (w**2).sum(), rel=1e-9)
+    se = float(log_z_standard_error(shifted))
+    if len(w) < 2:
+        assert math.isnan(se)
+    else:
+        assert se == pytest.approx(w.std(ddof=1) / (math.sqrt(len(w)) * w.mean()), rel=1e-9, abs=1e-15)

@@ -6,7 +6,7 @@ rank themselves (torchrun, SLURM's srun), several jobs share one MLflow store, a
 * SLURM: 2 processes started with the variables srun sets (no SLURM installed) are wired by Lightning's
   SLURMEnvironment; docs/slurm/genzoo.sbatch itself runs end to end with a stand-in `srun`.
 * Concurrency: two jobs started at once on the same fresh sqlite store both finish with full histories.
-* Sweep: `genzoo train -m vae.beta=0.5,1` gives one finished run per point.
+* Sweep: `genzoo train -m gmm.n_components=2,3` gives one finished, evaluated run per point.
 
 Every multi-process test starts from a fresh store, as a first job on a cluster does.
 """
@@ -325,19 +325,27 @@ def test_two_jobs_at_once_share_one_sqlite_store(tmp_path, digits_folder):
 
 
 def test_multirun_sweep_makes_one_finished_run_per_point(digits_project, tmp_path):
+    """Each point trained into its own folder and evaluated (the feature network first: FID on digits)."""
     db = tmp_path / "sweep.db"
-    tiny = [o for o in VAE if not o.startswith(("family=", "vae.max_epochs="))] + ["vae.max_epochs=1", _uri(db)]
+    tiny = [o for o in GMM if not o.startswith(("family=", "gmm.max_epochs="))] + [
+        "gmm.max_epochs=1", "gmm.conditional=false", "eval.n_samples=100", "eval.kid_subset_size=50",
+        "eval.kid_subsets=5", _uri(db)]
+    _ok(_run(_genzoo("featnet", "featnet.max_epochs=1", "trainer.accelerator=cpu"), digits_project, _env())[0])
     # the README's spelling: `-m` right after the command
-    out, seconds = _run(_genzoo("train", "-m", "family=vae", "vae.beta=0.5,1", *tiny), digits_project, _env())
+    out, seconds = _run(_genzoo("train", "-m", "family=gmm", "gmm.n_components=2,3", *tiny), digits_project, _env())
     stdout = _ok(out)
-    assert stdout.count("sweep point:") == 2 and stdout.count("trained vae:") == 2, stdout
+    assert stdout.count("sweep point ") == 2 and stdout.count("trained gmm:") == 2, stdout
 
     runs = _runs(db)
     assert [s for _, s in runs] == ["FINISHED", "FINISHED"], runs
-    betas = {run_id: float(_param(db, run_id, "vae.beta")) for run_id, _ in runs}
-    assert sorted(betas.values()) == [0.5, 1.0], betas
+    components = {run_id: int(_param(db, run_id, "gmm.n_components")) for run_id, _ in runs}
+    assert sorted(components.values()) == [2, 3], components
     val = {run_id: _query(db, "SELECT value FROM metrics WHERE run_uuid = ? AND key = 'val/loss'", run_id)
            for run_id, _ in runs}
     assert all(len(v) == 1 for v in val.values()), val  # one epoch each
-    assert len({v[0][0] for v in val.values()}) == 2, val  # a different beta, a different objective
+    assert len({v[0][0] for v in val.values()}) == 2, val  # other components, another model
+    for run_id, k in components.items():
+        assert _query(db, "SELECT COUNT(*) FROM metrics WHERE run_uuid = ? AND key = 'test/fid'", run_id) == [(1,)]
+        folder = digits_project / "data" / "sweeps" / "gmm" / f"n_components={k}"
+        assert json.loads((folder / "mlflow_run.json").read_text())["run_id"] == run_id
     print(f"\n[scaleout] sweep of 2 points: {seconds:.1f} s")

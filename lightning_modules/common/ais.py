@@ -18,6 +18,8 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
+from lightning_modules.contract import progress
+
 # (v, beta_prev, beta) -> (log f_beta(v) - log f_beta_prev(v) for each row of v, v' ~ T_beta(. | v)), where T_beta
 # leaves p_beta invariant: one call, so that a model can share the work between the weight and the move
 AnnealStep = Callable[[Tensor, float, float], Tuple[Tensor, Tensor]]
@@ -39,10 +41,33 @@ def beta_schedule(n_steps: int) -> Tensor:
     ])
 
 
+def effective_sample_size(log_w: Tensor) -> Tensor:
+    """Kish's (sum w)^2 / sum w^2 over the last dimension: n when every chain carries the same weight, 1
+    when a single chain dominates the estimate (a sign that the schedule is too short)."""
+    log_w = log_w.double()
+    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
+
+
+def log_z_standard_error(log_w: Tensor) -> Tensor:
+    """The delta-method standard error of log Z = log mean(w) over the last dimension: sd(w) / (sqrt(n)
+    mean(w)), with the unbiased sd, computed on w / max(w) (the ratio does not change); NaN for one chain."""
+    w = torch.exp(log_w.double() - log_w.double().amax(-1, keepdim=True))
+    n = w.shape[-1]
+    if n < 2:
+        return torch.full(w.shape[:-1], float("nan"), dtype=torch.float64)
+    return w.std(-1, unbiased=True) / (math.sqrt(n) * w.mean(-1))
+
+
 @dataclass
 class AISResult:
     log_z: float
     log_weights: Tensor  # one per chain; log_z = log_z_base + logmeanexp(log_weights)
+
+    def effective_sample_size(self) -> float:
+        return float(effective_sample_size(self.log_weights))
+
+    def log_z_standard_error(self) -> float:
+        return float(log_z_standard_error(self.log_weights))
 
 
 @torch.no_grad()
@@ -53,7 +78,7 @@ def ais_log_z(step: AnnealStep, sample_base: Callable[[int], Tensor], log_z_base
     betas = [float(b) for b in betas]
     v = sample_base(n_chains)
     log_w = torch.zeros(n_chains, dtype=torch.float64, device=v.device)
-    for k in range(1, len(betas)):
+    for k in progress(range(1, len(betas)), "AIS"):
         log_ratio, v = step(v, betas[k - 1], betas[k])  # the move after the last weight is not used
         log_w += log_ratio.to(torch.float64)
     log_z = log_z_base + float(torch.logsumexp(log_w, 0)) - math.log(n_chains)

@@ -66,15 +66,17 @@ class LabelUnits:
 
     # --- the partition function, one term per class ----------------------------------------------------
     def class_log_z(self, energy: RBMEnergy, exact: bool, n_chains: int = 100, n_steps: int = 10000,
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-        """log Z_y for every class, (K,) float64: exact enumeration of each clamped RBM, or AIS with
-        `n_chains` chains per class, all classes annealed together as one batch of chains."""
+                    generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """(log Z_y for every class, (K,) float64; the AIS log weights, (K, n_chains), or None when exact):
+        exact enumeration of each clamped RBM, or AIS with `n_chains` chains per class, all classes annealed
+        together as one batch of chains."""
         k = len(self.d)
+        log_w = None
         if exact:
             log_z = torch.tensor([self.clamp(energy, c).log_z_enumerate() for c in range(k)], dtype=torch.float64)
         else:
             clamped = self.clamp(energy, torch.arange(k, device=self.d.device).repeat_interleave(n_chains))
-            log_w = clamped.log_z_ais(k * n_chains, n_steps, generator, log_z_base=0.0).log_weights.view(k, n_chains)
+            log_w = clamped.log_z_ais(k * n_chains, n_steps, generator, log_z_base=0.0).log_weights.view(k, n_chains).cpu()
             log_z_base = torch.tensor([self.clamp(energy, c).log_z_base() for c in range(k)], dtype=torch.float64)
-            log_z = log_z_base + torch.logsumexp(log_w, 1).cpu() - math.log(n_chains)
-        return log_z + self.d.detach().double().cpu()
+            log_z = log_z_base + torch.logsumexp(log_w, 1) - math.log(n_chains)
+        return log_z + self.d.detach().double().cpu(), log_w

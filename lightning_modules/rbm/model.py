@@ -32,12 +32,13 @@ Data space (so NLLs compare across families):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Dict, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.common.ais import effective_sample_size, log_z_standard_error
 from lightning_modules.contract import UNLABELLED, Conditional, GenerativeModel, require_range
 from lightning_modules.rbm.energy import RBMEnergy
 from lightning_modules.rbm.labels import LabelUnits
@@ -128,6 +129,10 @@ class RBM(GenerativeModel):
         self.register_buffer("data_ready", torch.tensor(False))
         self.register_buffer("log_z", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("log_z_exact", torch.tensor(False))
+        # AIS diagnostics of log_z (NaN when it is enumerated): the chains' effective sample size and the
+        # standard error of log Z
+        self.register_buffer("ais_ess", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("ais_log_z_se", torch.tensor(float("nan"), dtype=torch.float64))
         if self.conditional:  # created last, so an unconditional model is built exactly as before
             k = self.num_classes
             self.U = nn.Parameter(torch.randn(k, h, generator=g) * init_std)
@@ -340,18 +345,26 @@ class RBM(GenerativeModel):
         energy = self.energy().detached(torch.float64)
         exact = self.enumerates_log_z()
         g = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        ess = se = float("nan")
         if self.conditional:
             chains = -(-self.config.ais_chains // self.num_classes)
-            class_log_z = self.labels().detached(torch.float64).class_log_z(
+            class_log_z, log_w = self.labels().detached(torch.float64).class_log_z(
                 energy, exact, chains, self.config.ais_steps, g)
             self.class_log_z.copy_(class_log_z)
             log_z = float(torch.logsumexp(class_log_z, 0))
+            if log_w is not None:  # the worst class's ESS; Var log Z = sum_y (Z_y / Z)^2 Var log Z_y (delta method)
+                ess = float(effective_sample_size(log_w).min())
+                share = torch.softmax(class_log_z, 0)
+                se = float(torch.sqrt((share**2 * log_z_standard_error(log_w) ** 2).sum()))
         elif exact:
             log_z = energy.log_z_enumerate()
         else:
-            log_z = energy.log_z_ais(self.config.ais_chains, self.config.ais_steps, g).log_z
+            ais = energy.log_z_ais(self.config.ais_chains, self.config.ais_steps, g)
+            log_z, ess, se = ais.log_z, ais.effective_sample_size(), ais.log_z_standard_error()
         self.log_z.fill_(log_z)
         self.log_z_exact.fill_(exact)
+        self.ais_ess.fill_(ess)
+        self.ais_log_z_se.fill_(se)
 
     def enumerates_log_z(self) -> bool:
         return self.config.n_hidden <= self.config.exact_max_hidden
@@ -363,6 +376,19 @@ class RBM(GenerativeModel):
     def ensure_log_z(self) -> None:
         if torch.isnan(self.log_z):
             self.refresh_log_z()
+
+    def likelihood_diagnostics(self) -> Dict[str, float]:
+        """With an AIS log Z: the effective sample size of its chains (out of `ais_chains`) and the standard
+        error of log Z, which every NLL shares."""
+        self.ensure_log_z()
+        if bool(self.log_z_exact):
+            return {}
+        return {"ais_ess": float(self.ais_ess), "ais_log_z_se": float(self.ais_log_z_se)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        for name in ("ais_ess", "ais_log_z_se"):  # a checkpoint from before the AIS diagnostics
+            checkpoint["state_dict"].setdefault(name, torch.tensor(float("nan"), dtype=torch.float64))
 
     # --- the contract --------------------------------------------------------------------------------------
     def log_prob(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:

@@ -24,6 +24,9 @@ class Prepared:
     # semi-supervised (`data.labels_per_class`): the indices of the training examples that keep their label
     labels_per_class: Optional[int] = None
     labelled: Optional[np.ndarray] = None
+    # continuous user vectors: standardised with the training split's statistics once any held-out class has
+    # left it (`pipeline/data/standardise.py`, applied by `sources.load_source`)
+    standardise: bool = False
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, rng: np.random.Generator):

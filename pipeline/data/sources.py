@@ -1,16 +1,23 @@
 """The data sources registry: dataset name -> a loader `(data config, rng) -> Prepared`. Every source
-is listed here, so `data.dataset` is validated against one dict; `load_source` applies the hold-out and the labelled subset."""
+is listed here, so `data.dataset` is validated against one dict; `load_source` applies the hold-out, the
+standardisation of continuous user vectors and the labelled subset.
+
+A user's own data is named by a prefix and a path (`csv:data/user/wine.csv`): `USER_SOURCES` maps the
+prefix to a loader `(data config, rng, path) -> Prepared`."""
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Callable, Dict
 
 import numpy as np
 
-from pipeline.data import hmm_synthetic, text, toy2d
+from pipeline.data import hmm_synthetic, text, toy2d, user_arrays, user_csv, user_images
 from pipeline.data.images import TORCHVISION, digits, digits_rows, torchvision_source
 from pipeline.data.labelled import select_labelled
+from pipeline.data.names import dataset_slug, user_source
 from pipeline.data.prepared import Prepared
+from pipeline.data.standardise import standardise
 from pipeline.errors import GenzooError
 
 SOURCES: Dict[str, Callable] = {
@@ -23,17 +30,37 @@ SOURCES: Dict[str, Callable] = {
 }
 
 
+# `<prefix>:PATH`: the user's own file (or folder), read by the prefix's loader
+USER_SOURCES: Dict[str, Callable] = {
+    "npy": partial(user_arrays.load, kind="npy"),
+    "npz": partial(user_arrays.load, kind="npz"),
+    "csv": user_csv.load,
+    "imagefolder": user_images.load,
+    "text": text.text_file,
+}
+
+
 def validate_dataset_name(name: str) -> None:
-    if name not in SOURCES:
-        raise GenzooError(f"bad value for config key 'data.dataset': must be one of {', '.join(SOURCES)}, not {name!r}")
+    user = user_source(name)
+    if user is None and name not in SOURCES:
+        prefixes = ", ".join(f"{p}:PATH" for p in USER_SOURCES)
+        raise GenzooError(f"bad value for config key 'data.dataset': must be one of {', '.join(SOURCES)} "
+                          f"or your own data as {prefixes}, not {name!r}")
+    # the slug names data/prepared/<slug>/, the MLflow experiment and the registered models: never a built-in's
+    if user is not None and dataset_slug(name) in {dataset_slug(b) for b in SOURCES}:
+        raise GenzooError(f"bad value for config key 'data.dataset': {name!r} would be named "
+                          f"'{dataset_slug(name)}' like the built-in data set: rename the file or folder")
 
 
 def load_source(dcfg) -> Prepared:
     validate_dataset_name(dcfg.dataset)
     rng = np.random.default_rng(dcfg.seed)
-    prepared = SOURCES[dcfg.dataset](dcfg, rng)
+    user = user_source(dcfg.dataset)
+    prepared = USER_SOURCES[user[0]](dcfg, rng, user[1]) if user else SOURCES[dcfg.dataset](dcfg, rng)
     if dcfg.holdout_class is not None:
         prepared = hold_out_class(prepared, int(dcfg.holdout_class), dcfg.dataset)
+    if prepared.standardise:  # after the hold-out: the statistics of the examples the model trains on
+        prepared = standardise(prepared)
     if dcfg.labels_per_class is not None:
         prepared = keep_few_labels(prepared, int(dcfg.labels_per_class), dcfg.seed)
     return prepared
@@ -57,4 +84,4 @@ def hold_out_class(p: Prepared, cls: int, dataset: str = "the dataset") -> Prepa
     splits = {k: (x[y != cls], y[y != cls]) for k, (x, y) in p.splits.items()}
     x, y = p.splits["test"]
     splits["holdout"] = (x[y == cls], y[y == cls])
-    return Prepared(splits, p.info, p.source, {**p.extra, "holdout_class": cls})
+    return dataclasses.replace(p, splits=splits, extra={**p.extra, "holdout_class": cls})

@@ -10,9 +10,12 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from lightning_modules.contract import progress
+
 
 def _update(metric, x: Tensor, real: bool, batch_size: int) -> None:
-    for chunk in x.split(batch_size):
+    chunks = x.split(batch_size)
+    for chunk in progress(chunks, "features", len(chunks)):
         metric.update(chunk, real=real)
 
 
@@ -60,4 +63,5 @@ def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3) -> Dict
 
 @torch.no_grad()
 def extract(features: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
-    return torch.cat([features(chunk) for chunk in x.split(batch_size)])
+    chunks = x.split(batch_size)
+    return torch.cat([features(chunk) for chunk in progress(chunks, "features", len(chunks))])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_modules.contract import DataInfo, GenerativeModel
+from lightning_modules.contract import DataInfo, GenerativeModel, progress
 from pipeline.evaluation.conditional import accuracy, bayes_classifier_accuracy, conditional_metrics, proportional_labels
 from pipeline.evaluation.sample_metrics import extract, fid_kid, precision_recall
 
@@ -24,7 +24,10 @@ MAX_LOG_FLOAT = math.log(sys.float_info.max)  # the largest x with a finite exp(
 
 @torch.no_grad()
 def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([fn(chunk).detach().cpu() for chunk in x.split(batch_size)])
+    """fn over `x` in chunks of `batch_size`, with a progress bar (on a terminal) named after fn."""
+    chunks = x.split(batch_size)
+    name = getattr(fn, "__name__", "evaluate")
+    return torch.cat([fn(chunk).detach().cpu() for chunk in progress(chunks, name, len(chunks))])
 
 
 def likelihood_metrics(model: GenerativeModel, log_p: Tensor, x: Tensor, info: DataInfo, batch_size: int) -> Dict[str, float]:
@@ -63,12 +66,11 @@ def timed_samples(model: GenerativeModel, n: int, batch_size: int, seed: int, **
         prior = model.class_log_prior().exp().detach().cpu()
         labels = proportional_labels(prior, n, torch.Generator().manual_seed(seed)).to(model.device)
     start = time.perf_counter()
-    parts, done = [], 0
-    while done < n:
+    parts = []
+    for done in progress(range(0, n, batch_size), "sample", -(-n // batch_size)):
         size = min(batch_size, n - done)
         y = None if labels is None else labels[done:done + size]
         parts.append(model.sample(size, y, **sample_kwargs).detach().cpu())
-        done += size
     seconds = time.perf_counter() - start
     return torch.cat(parts), n / seconds
 
@@ -179,6 +181,7 @@ def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg,
     if model.has_log_prob():
         log_p, classifier_metrics = held_out_log_likelihoods(model, test_x, test_y, bs)
         metrics.update(likelihood_metrics(model, log_p, test_x, info, bs))
+        metrics.update(model.likelihood_diagnostics())
         metrics.update(classifier_metrics)
     samples, per_second = timed_samples(model, ecfg.n_samples, bs, ecfg.seed)
     metrics["samples_per_second"] = per_second

@@ -1,5 +1,8 @@
 """Stage `evaluate@<family>`: reopen the family's MLflow run, score the model through the contract,
-log `test/*` metrics and the sample grid, write `reports/families/<family>.json` (only when everything worked)."""
+log `test/*` metrics and the sample grid, write `reports/families/<family>.json` (only when everything worked).
+A sweep point's model and report are its own (`data/sweeps/<family>/<point>/`, `reports/sweeps/<family>/<point>/`).
+With `tracking.register` the logged model is registered as `genzoo-<dataset slug>-<family>`, and its version
+takes the alias `champion` when it beats the champion's `tracking.champion_metric`."""
 from __future__ import annotations
 
 import json
@@ -23,12 +26,23 @@ def metric_name(key: str) -> str:
     return f"perf/{key}" if key in PERF_METRICS else f"test/{key}"
 
 
-def evaluate(cfg) -> dict:
+def preflight(cfg) -> None:
+    """What an evaluation needs besides the model, checked before a sweep point trains (so a missing feature
+    network stops it in a second, not after training): the prepared data and the feature space."""
+    family = require_family(cfg)
+    dm = datamodule_for(cfg, family_class(family))
+    feature_extractor(cfg, dm.info)
+    label_classifier(cfg, dm.info)
+
+
+def evaluate(cfg, point=None) -> dict:
+    """`point`: a sweep point (`pipeline.sweeps.SweepPoint`): its model folder, run and report."""
     family = require_family(cfg)
     cls = family_class(family)
-    out = family_report_path(family)
+    slug = point.slug if point is not None else None
+    out = family_report_path(family, slug)
     out.unlink(missing_ok=True)
-    model_dir = models_dir(cfg, family)
+    model_dir = models_dir(cfg, family, slug)
     run = tracking.read_run_file(model_dir)
     if run is None:
         raise GenzooError(f"{model_dir / tracking.RUN_FILE} not found: run `genzoo train family={family}` first")
@@ -50,27 +64,39 @@ def evaluate(cfg) -> dict:
             metrics, curves, samples, labelled = score(model, dm, feature_extractor(cfg, dm.info), cfg.eval,
                                                        label_classifier(cfg, dm.info), cfg.featnet)
             metrics.update(state.get("cost", {}))
-            grid = save_samples(samples, dm.info.kind, samples_png(family), cfg.eval.grid_size)
+            grid = save_samples(samples, dm.info.kind, samples_png(family, slug), cfg.eval.grid_size)
             grids = [grid]
             if labelled is not None:
-                grids.append(save_class_grid(*labelled, model.num_classes, dm.info.kind, class_samples_png(family)))
+                grids.append(save_class_grid(*labelled, model.num_classes, dm.info.kind,
+                                             class_samples_png(family, slug)))
             # once per evaluation, even when a killed evaluation is rerun (MLflow's metric history only appends)
             step = tracking.log_evaluation(cfg, run["run_id"], {metric_name(k): v for k, v in metrics.items()
                                                                  if k not in state.get("cost", {})},
                                            volatile={metric_name(k) for k in PERF_METRICS})
             mlflow.set_tag("test/nll_kind", model.nll_kind() or "n/a")
+            mlflow.set_tags(tracking.context_tags(point))  # the DVC experiment this evaluation ran in
             for g in grids:
                 mlflow.log_artifact(str(g), artifact_path="samples")
+            registered = None
             if cfg.tracking.log_model:
                 from pipeline.checkpoints import log_mlflow_model
 
-                log_mlflow_model(model, model_dir / "model.ckpt", samples[:4])
+                name = tracking.registered_model_name(cfg, family) if cfg.tracking.register else None
+                info = log_mlflow_model(model, model_dir / "model.ckpt", samples[:4], registered_model_name=name)
+                if name is not None:
+                    version = info.registered_model_version
+                    registered = {"name": name, "version": int(version),
+                                  "champion": tracking.promote_champion(cfg, name, version, run["run_id"])}
             tracking.mark_evaluated(cfg, run["run_id"], step)
     result = {"family": family, "nll_kind": model.nll_kind(), "run_id": run["run_id"], "metrics": metrics,
               "curves": curves, "samples_png": str(grid), "conditional": model.conditional,
               "semi_supervised_method": cls.semi_supervised_method if "semi_acc" in metrics else None}
     if labelled is not None:
         result["class_samples_png"] = str(grids[1])
+    if point is not None:
+        result["sweep_point"] = list(point.overrides)
+    if registered is not None:
+        result["registered_model"] = registered
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result

@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Dict
 
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from pipeline import tracking  # noqa: E402
 from pipeline.errors import GenzooError  # noqa: E402
 from pipeline.evaluation.comparison import FLOOR_ROW, best_per_column, cell, used_columns  # noqa: E402
-from pipeline.paths import FEATNET_REPORT, INDEX_HTML, METRICS_JSON, PLOTS, family_report_path  # noqa: E402
+from pipeline.paths import FEATNET_REPORT, INDEX_HTML, METRICS_JSON, PLOTS, ROC_PLOTS, family_report_path  # noqa: E402
 
 CURVE_KEYS = ("train/loss", "val/loss", "val/fid")
 
@@ -55,11 +56,21 @@ def metric_histories(cfg, results: Dict[str, dict]) -> Dict[str, Dict[str, list]
     return out
 
 
-def write_dvc_plots(histories) -> None:
-    PLOTS.mkdir(parents=True, exist_ok=True)
+def write_dvc_plots(histories, results) -> None:
+    """The data of dvc.yaml's plots (`dvc plots show`): each family's validation loss by step, and its anomaly
+    ROC where there is one (both folders are written, so both outputs exist; the sample grids are the
+    evaluate stage's image plots)."""
+    for folder in (PLOTS, ROC_PLOTS):
+        shutil.rmtree(folder, ignore_errors=True)  # no stale family from an earlier `families` list
+        folder.mkdir(parents=True)
     for family, curves in histories.items():
         rows = [{"step": s, "val_loss": v} for s, v in curves.get("val/loss", [])]
         (PLOTS / f"{family}.json").write_text(json.dumps(rows, indent=0) + "\n")
+    for family, r in results.items():
+        roc = r.get("curves", {}).get("roc")
+        if roc:
+            rows = [{"fpr": f, "tpr": t} for f, t in zip(roc["fpr"], roc["tpr"])]
+            (ROC_PLOTS / f"{family}.json").write_text(json.dumps(rows, indent=0) + "\n")
 
 
 def _png(fig) -> str:
@@ -265,7 +276,7 @@ def report(cfg) -> Path:
     floor = json.loads(FEATNET_REPORT.read_text()) if FEATNET_REPORT.is_file() else {}
     rows = table_rows(results, floor)
     histories = metric_histories(cfg, results)
-    write_dvc_plots(histories)
+    write_dvc_plots(histories, results)
     METRICS_JSON.write_text(json.dumps(metrics_json(results, floor), indent=2, sort_keys=True) + "\n")
     page = write_html(cfg, results, rows, histories, floor)
     parent_run(cfg, results, [METRICS_JSON, page])

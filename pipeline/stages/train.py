@@ -1,8 +1,10 @@
 """Stage `train@<family>`: seed -> data -> model -> callbacks -> logger -> trainer -> fit -> checkpoint.
 
-Outputs in `data/models/<family>/`: `model.ckpt` (what evaluate loads), `last.ckpt` (for resuming),
-`mlflow_run.json` (the run evaluate reopens) and `state.json` (config hash, finished or not). A run
-interrupted with the same config resumes from `last.ckpt` into the same MLflow run.
+Outputs in `data/models/<family>/` (a sweep point's in `data/sweeps/<family>/<point>/`): `model.ckpt` (what
+evaluate loads), `last.ckpt` (for resuming), `mlflow_run.json` (the run evaluate reopens) and `state.json`
+(config hash, finished or not). A run interrupted with the same config resumes from `last.ckpt` into the same
+MLflow run. The run is named `<family>-<dataset slug>[-<point>]` and holds the params of `data`, `trainer`,
+`eval` and its own family's section.
 """
 from __future__ import annotations
 
@@ -73,14 +75,25 @@ def _resume_point(cfg, family: str, model_dir: Path):
     return None, None
 
 
-def train(cfg) -> Path:
+RUN_PARAM_SECTIONS = ("data", "trainer", "eval")  # and the family's own section
+
+
+def run_params(cfg, family: str) -> dict:
+    """The MLflow params of a family's run: `data.*`, `trainer.*`, `eval.*` and `<family>.*` (not the other
+    families' sections, which it never reads)."""
+    sections = (*RUN_PARAM_SECTIONS, family)
+    return {k: v for k, v in flatten(cfg).items() if k.split(".", 1)[0] in sections}
+
+
+def train(cfg, point=None) -> Path:
+    """`point`: a sweep point (`pipeline.sweeps.SweepPoint`), trained into its own folder and run."""
     family = require_family(cfg)
     cls = family_class(family)
     if "fsdp" in str(cfg.trainer.strategy) and not cls.supports_fsdp:
         sharding = [f for f in FAMILIES if family_class(f).supports_fsdp]
         raise GenzooError(f"trainer.strategy={cfg.trainer.strategy}: {family} does not shard its parameters; "
                           f"use ddp (FSDP is for {', '.join(sharding)})")
-    model_dir = models_dir(cfg, family)
+    model_dir = models_dir(cfg, family, point.slug if point is not None else None)
     resume_ckpt, resume_run = _resume_point(cfg, family, model_dir)
 
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -96,8 +109,8 @@ def train(cfg) -> Path:
 
     tracking.ensure_store(tracking.tracking_uri(cfg), tracking.experiment_name(cfg))
     logger = ResumableMLFlowLogger(experiment_name=tracking.experiment_name(cfg), tracking_uri=tracking.tracking_uri(cfg),
-                          run_id=resume_run, tags=None if resume_run else tracking.run_tags(cfg, family, dm.manifest),
-                          log_model=False)
+                          run_id=resume_run, tags=None if resume_run else tracking.run_tags(cfg, family, dm.manifest, point),
+                          run_name=tracking.run_name(cfg, family, point), log_model=False)
     callbacks = [ReseedEachStep(cfg.trainer.seed), FailOnNonFiniteLoss(),
                  # no monitor + top-1: `last.ckpt` rewritten (atomically) after every epoch, the resume point
                  ModelCheckpoint(dirpath=model_dir, filename="last", save_top_k=1, enable_version_counter=False)]
@@ -115,7 +128,10 @@ def train(cfg) -> Path:
             shutil.rmtree(model_dir, ignore_errors=True)
         model_dir.mkdir(parents=True, exist_ok=True)
         if resume_ckpt is None:  # a resumed run already holds its params (MLflow params are write-once)
-            logger.log_hyperparams({k: v for k, v in flatten(cfg).items() if k != "resume"})
+            logger.log_hyperparams(run_params(cfg, family))
+        else:  # the sweep (and DVC experiment) it is resumed in now
+            for key, value in tracking.context_tags(point).items():
+                logger.experiment.set_tag(logger.run_id, key, value)
         write_text_atomic(model_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         tracking.write_run_file(model_dir, logger.run_id, logger.experiment_id, tracking.tracking_uri(cfg))
         _write_state(model_dir, cfg, family, logger.run_id, model.trained_on, finished=False)

@@ -1,0 +1,47 @@
+"""A dataset's short name (its slug): the folder under `data/prepared/`, and the dataset part of the MLflow
+experiment (`genzoo-<slug>`), run (`<family>-<slug>[-<sweep point>]`) and registered-model
+(`genzoo-<slug>-<family>`) names.
+
+A built-in source keeps its name with `:` made `-` (`digits`, `toy2d:moons` -> `toy2d-moons`); a user source
+`<kind>:<path>` (`npy:/x/y/wine.npz`, `csv:data/user/wine.csv`, `imagefolder:path/to/folder`, `text:story.txt`)
+is named by the file's stem or the folder's name (`wine`, `folder`, `story`), so a path never nests folders
+under `data/prepared/`. Characters outside [A-Za-z0-9._-] become `-`. Two user files with the same stem share
+the slug (and so the prepared folder): the manifest records the full name, and every stage refuses a model
+trained on other data.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional, Tuple
+
+# `<kind>:<path>`: data the user points at (a file, or a folder for imagefolder)
+USER_SOURCE_KINDS = ("npy", "npz", "csv", "imagefolder", "text")  # = pipeline.data.sources.USER_SOURCES (a test says so)
+FOLDER_KINDS = ("imagefolder",)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def user_source(dataset: str) -> Optional[Tuple[str, str]]:
+    """(kind, path) of a user source `<kind>:<path>`, else None (a built-in source)."""
+    kind, sep, path = str(dataset).partition(":")
+    return (kind, path) if sep and kind in USER_SOURCE_KINDS and path else None
+
+
+def safe_name(text: str) -> str:
+    """`text` with every character outside [A-Za-z0-9._-] replaced by `-`."""
+    return _UNSAFE.sub("-", text)
+
+
+def dataset_slug(dataset: str) -> str:
+    user = user_source(dataset)
+    if user is None:
+        name = str(dataset).replace(":", "-")
+    else:
+        kind, path = user
+        p = Path(os.path.expanduser(path))
+        if p.name in ("", ".", ".."):  # `imagefolder:.`: the folder's own name
+            p = Path(os.path.abspath(p))
+        name = p.name if kind in FOLDER_KINDS else p.stem
+    slug = safe_name(name).lstrip(".")  # never a hidden folder, `.` or `..`
+    return slug or (user[0] if user else "dataset")
