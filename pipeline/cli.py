@@ -16,17 +16,69 @@ from typing import Callable, Dict, List, Tuple
 from pipeline.errors import GenzooError
 
 
-def _quiet() -> None:
-    from pipeline.tracking import quiet_telemetry
+# --- output: -q / -v ------------------------------------------------------------------------------
+QUIET, DEFAULT, VERBOSE = -1, 0, 1
+GENZOO_LOGGERS = ("pipeline", "lightning_modules")  # genzoo's own (`logging.getLogger(__name__)`)
 
-    quiet_telemetry()
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+# Warnings third-party code raises on ordinary genzoo runs, about nothing the user can or should change: each
+# silenced by default (not under -v) by its exact message and the module that raises it, so that every other
+# warning (the user's own code, a family's warning about its config, a library's new one) still shows.
+NOISY_WARNINGS = (
+    # torch deprecated LeafSpec; Lightning's own pytree helper still builds one on every training step
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"pytorch_lightning\.utilities\._pytree"),
+    # the EM families (GMM, HMM) optimise manually: a fit without an optimizer is by design
+    (r"`LightningModule\.configure_optimizers` returned `None`", r"pytorch_lightning\.core\.optimizer"),
+    # the train stage writes state.json and the run file into the model folder before Lightning's last.ckpt
+    (r"Checkpoint directory .* exists and is not empty", r"pytorch_lightning\.callbacks\.model_checkpoint"),
+    # small data sets have fewer batches per epoch than trainer.log_every_n_steps; epoch metrics are logged anyway
+    (r"The number of training batches \(\d+\) is smaller than the logging interval",
+     r"pytorch_lightning\.loops\.fit_loop"),
+    # the prepared data are in-memory tensors: data.num_workers=0 is the default on purpose
+    (r"The '\w+' does not have many workers", r"pytorch_lightning\.trainer\.connectors\.data_connector"),
+    # trainer.accelerator=cpu on a GPU machine is the user's explicit choice
+    (r"GPU available but not used", r"pytorch_lightning\.trainer\.setup"),
+    # KID keeps every feature of eval.n_samples samples in memory: bounded by that setting
+    (r"Metric `Kernel Inception Distance` will save all extracted features", r"torchmetrics\."),
+    # the train stage logs the prepared data as the run's dataset input: MLflow's registry finds its own source twice
+    (r"The specified dataset source can be interpreted in multiple ways", r"mlflow\.data\."),
+    # MLflow's sqlite store calls an API SQLAlchemy 2 deprecates (shown with -W default / PYTHONWARNINGS=default)
+    (r"The ``noload`` loader strategy is deprecated", r"mlflow\.store\."),
+)
+
+
+def configure_output(verbosity: int = DEFAULT) -> None:
+    """What a run prints besides its result lines (which always go to stdout). DEFAULT: warnings, minus
+    NOISY_WARNINGS, and genzoo's one-line results; QUIET (-q): errors only (no warning, no log record below
+    ERROR, from any library); VERBOSE (-v): INFO from genzoo's loggers and Lightning's (its device lines), and
+    every warning unfiltered."""
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from pipeline.tracking import quiet_telemetry
+
+    quiet_telemetry()
+    logging.disable(logging.NOTSET)
+    if verbosity <= QUIET:
+        warnings.simplefilter("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # processes a run starts (DDP ranks) stay quiet too
+        logging.disable(logging.WARNING)  # Lightning and MLflow reset their loggers' levels: this holds anyway
+        return
+    level = logging.INFO if verbosity >= VERBOSE else logging.WARNING
+    for name in GENZOO_LOGGERS:  # `runtime.quiet_lightning` gives Lightning's loggers the same level
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        ours = [h for h in logger.handlers if getattr(h, "genzoo_verbose", False)]
+        if verbosity >= VERBOSE and not ours:
+            handler = logging.StreamHandler()  # stderr, as Lightning's own INFO lines
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            handler.genzoo_verbose = True
+            logger.addHandler(handler)
+        elif verbosity < VERBOSE:
+            for handler in ours:  # an earlier `main([-v ...])` in this process
+                logger.removeHandler(handler)
+    if verbosity < VERBOSE:
+        for message, module in NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, module=module)
 
 
 # --- the commands ---------------------------------------------------------------------------------
@@ -99,9 +151,14 @@ def _sweep_option_is_an_override(args) -> None:
 
 
 def cmd_ui(cfg, args):
-    from pipeline.tracking import tracking_uri
+    """`mlflow ui` on 127.0.0.1, after storing the runs view of the configured data set's experiment (sorted by
+    test/nll, the Dataset and key metric columns shown) and printing its address."""
+    from pipeline import tracking
 
-    uri = tracking_uri(cfg)
+    uri = tracking.tracking_uri(cfg)
+    base = f"http://127.0.0.1:{args.port}"
+    experiment_id = tracking.prepare_runs_view(cfg)
+    print(f"{tracking.experiment_name(cfg)}'s runs: {tracking.runs_view_url(base, experiment_id)}", flush=True)
     os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)])
 
 
@@ -171,15 +228,29 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+VERBOSITY_OPTIONS = ("-q", "--quiet", "-v", "--verbose")
+
+
+def _options_verbosity(p) -> None:
+    """-q / -v, on the top-level parser and on every command's (before or after the command)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=QUIET, default=DEFAULT,
+                   help="errors only (the result lines still go to stdout)")
+    g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=VERBOSE, default=DEFAULT,
+                   help="INFO logs of genzoo and Lightning, and every warning unfiltered")
+
+
 def parsers() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
     """The top-level parser and each command's own."""
     top = Parser(prog="genzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"genzoo {_version()}")
+    _options_verbosity(top)
     sub = top.add_subparsers(dest="command", metavar="<command>", required=True, parser_class=Parser)
     commands = {}
     for name, (handler, help_text, options) in COMMANDS.items():
         c = sub.add_parser(name, help=help_text, description=help_text)
         c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (Hydra grammar)")
+        _options_verbosity(c)
         if options is not None:
             options(c)
         c.set_defaults(handler=handler, multirun=False, command=name, point=None)
@@ -189,11 +260,16 @@ def parsers() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParse
 
 def parse(argv: List[str]) -> argparse.Namespace:
     """The command's own parser reads everything after the command, with options and overrides in any
-    order (`train -m a=1,2`); argparse's intermixed mode cannot see through subparsers, hence two steps."""
+    order (`train -m a=1,2`); argparse's intermixed mode cannot see through subparsers, hence two steps. -q / -v
+    before the command (`genzoo -q train`) are handed to the command's parser like those after it."""
     top, commands = parsers()
-    if not argv or argv[0] not in commands:
+    argv = list(argv)
+    lead = 0
+    while lead < len(argv) and argv[lead] in VERBOSITY_OPTIONS:
+        lead += 1
+    if lead == len(argv) or argv[lead] not in commands:
         return top.parse_args(argv)  # --help, --version, or a usage error naming the commands
-    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args = commands[argv[lead]].parse_intermixed_args(argv[:lead] + argv[lead + 1:])
     _sweep_option_is_an_override(args)
     return args
 
@@ -207,7 +283,7 @@ def sweep(overrides: List[str]) -> List[List[str]]:
 
 def run(argv: List[str]) -> None:
     args = parse(argv)
-    _quiet()
+    configure_output(args.verbosity)
     from pipeline.config import load_config
 
     handler: Callable = args.handler
@@ -229,7 +305,8 @@ def run_sweep(args, load_config) -> None:
     print(f"sweep {sweep_id}: {len(points)} point(s)")
     failed = []
     for i, (cfg, point) in enumerate(zip(configs, named), 1):
-        print(f"sweep point {i}/{len(points)}: {' '.join(point.overrides) or '(no overrides)'}")
+        if args.verbosity > QUIET:  # progress, not a result
+            print(f"sweep point {i}/{len(points)}: {' '.join(point.overrides) or '(no overrides)'}")
         args.point = point
         try:
             args.handler(cfg, args)

@@ -78,6 +78,7 @@ class EvalConfig:
     kid_subset_size: int = 100
     kid_subsets: int = 50
     grid_size: int = 64
+    device: str = "auto"  # auto (the trainer's accelerator) | cpu | cuda | cuda:<index> | mps
     fid: FidConfig = field(default_factory=FidConfig)
 
 
@@ -308,6 +309,10 @@ def validate(cfg: DictConfig) -> None:
     if not _devices_ok(devices):
         shown = OmegaConf.to_container(devices) if isinstance(devices, ListConfig) else devices
         raise bad_value("trainer.devices", f"must be a count >= 1, -1 (all), auto, or a list of device indices, not {shown!r}")
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(cfg.eval.device)):
+        raise bad_value("eval.device", f"must be auto, cpu, cuda, cuda:<index> or mps, not {cfg.eval.device!r}")
     _check_choice("eval.fid.features", cfg.eval.fid.features, ("featnet", "inception"))
     if cfg.eval.fid.features == "inception" and not cfg.eval.fid.inception_weights:
         raise bad_value("eval.fid.inception_weights", "must name a local InceptionV3 weights file when "

@@ -89,10 +89,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def quiet_lightning() -> None:
     """Lightning logs its device lines and product tips at INFO on every fit (it resets its logger's level
     when imported, so this runs after the import): a user asked for neither. Warnings and errors still show,
-    and so does the one line per process of a multi-process run that says which rank of how many it is."""
+    and so does the one line per process of a multi-process run that says which rank of how many it is.
+    `genzoo -v` (genzoo's `pipeline` logger at INFO: `cli.configure_output`) keeps Lightning's INFO lines too."""
+    verbose = logging.getLogger("pipeline").getEffectiveLevel() <= logging.INFO
     for name in ("pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("lightning_fabric.utilities.distributed").setLevel(logging.INFO)
+
+
+def resolve_eval_device(setting: str, accelerator: str, cuda_available: bool, mps_available: bool,
+                        cuda_count: int = 1) -> str:
+    """`eval.device` as a torch device: `auto` is the device the Trainer uses (or would) under
+    `trainer.accelerator`, as Lightning picks it (auto / gpu: CUDA or MPS when present; cuda, mps: that one;
+    else the CPU); `cpu`, `cuda`, `cuda:<i>`, `mps` are themselves, refused in one line where absent."""
+    accelerator = str(accelerator)
+    if setting == "auto":
+        if accelerator in ("auto", "gpu", "cuda") and cuda_available:
+            return "cuda"
+        if accelerator in ("auto", "gpu", "mps") and mps_available:
+            return "mps"
+        return "cpu"
+    if setting.startswith("cuda"):
+        index = int(setting.partition(":")[2] or 0)
+        if not cuda_available or index >= cuda_count:
+            found = f"{cuda_count} CUDA GPU(s)" if cuda_available else "no CUDA GPU"
+            raise GenzooError(f"eval.device={setting}: this machine has {found}; use eval.device=auto or cpu")
+    if setting == "mps" and not mps_available:
+        raise GenzooError("eval.device=mps: this machine has no MPS (Apple GPU); use eval.device=auto or cpu")
+    return setting
+
+
+def eval_device(cfg) -> torch.device:
+    """The device the evaluate stage and `genzoo sample` run a model on (`resolve_eval_device` on this machine)."""
+    mps = getattr(torch.backends, "mps", None)
+    cuda = torch.cuda.is_available()
+    return torch.device(resolve_eval_device(cfg.eval.device, cfg.trainer.accelerator, cuda,
+                                            bool(mps is not None and mps.is_available()),
+                                            torch.cuda.device_count() if cuda else 0))
 
 
 def peak_memory_mb() -> float:

@@ -6,7 +6,9 @@ one run: train writes its id to `mlflow_run.json` beside the checkpoint and eval
 
 Names: the experiment `genzoo-<dataset slug>`, a run `<family>-<dataset slug>` (a sweep point's with the
 point appended: `gmm-toy2d-moons-n_components=3`), a registered model `genzoo-<dataset slug>-<family>` whose
-alias `champion` is its best version by `tracking.champion_metric` (`promote_champion`).
+alias `champion` is its best version by `tracking.champion_metric` (`promote_champion`). The experiment is
+tagged a classic ML one (`mlflow.experimentKind`), a training run's input is the prepared data set
+(`log_dataset_input`), and `genzoo ui` opens the runs table in the view `prepare_runs_view` stores.
 """
 from __future__ import annotations
 
@@ -116,6 +118,9 @@ def ensure_store(uri: str, experiment: str) -> None:
     create the experiment collide on its unique name. Under the lock the first one does both, the
     others find them done. Other stores (a tracking server) handle concurrency themselves."""
     if not uri.startswith("sqlite:///"):
+        import mlflow
+
+        ensure_experiment(mlflow.MlflowClient(uri), experiment)
         return
     import fcntl
     import logging
@@ -133,11 +138,87 @@ def ensure_store(uri: str, experiment: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             check_writable(uri)
-            c = mlflow.MlflowClient(uri)  # creates and migrates the tables when they are missing
-            if c.get_experiment_by_name(experiment) is None:
-                c.create_experiment(experiment)
+            ensure_experiment(mlflow.MlflowClient(uri), experiment)  # creates and migrates missing tables
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what MLflow 3's UI reads to tell ML experiments from GenAI ones
+CLASSIC_ML = "custom_model_development"
+
+
+def ensure_experiment(c, name: str) -> str:
+    """The experiment `name` (created when missing), marked as a classic ML experiment (`mlflow.experimentKind`)
+    unless it already has a kind; its id."""
+    from mlflow.exceptions import MlflowException
+
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: CLASSIC_ML})
+        except MlflowException:  # created meanwhile by another process (a tracking server takes no file lock)
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_ML)
+    return exp.experiment_id
+
+
+# --- the runs table `genzoo ui` opens ------------------------------------------------------------------
+VIEW_KEY = "genzoo"  # the shared view state `?viewStateShareKey=genzoo`: an experiment tag MLflow's UI reads
+VIEW_METRICS = ("test/nll", "test/bpd", "test/fid", "test/kid_mean", "test/precision", "test/recall",
+                "perf/train_seconds")
+
+
+def runs_view_state() -> dict:
+    """Shared view state of MLflow's runs table (MLflow 3.x: the keys of its URL state and view state): sorted by
+    test/nll (lowest first; runs without it last), the Dataset column and the key `test/*` metrics shown."""
+    column = lambda kind, key: f"{kind}.`{key}`"  # noqa: E731  MLflow's canonical column key
+    return {"orderByKey": column("metrics", "test/nll"), "orderByAsc": True,
+            "selectedColumns": [column("attributes", "Dataset"), column("tags", "genzoo.family"),
+                                *(column("metrics", m) for m in VIEW_METRICS), column("attributes", "Models")]}
+
+
+def prepare_runs_view(cfg) -> str:
+    """Mark the configured data set's experiment (created when missing) as classic ML and store the runs view
+    `genzoo ui` opens; the experiment's id."""
+    uri = tracking_uri(cfg)
+    ensure_store(uri, experiment_name(cfg))
+    c = client(cfg)
+    exp_id = ensure_experiment(c, experiment_name(cfg))
+    c.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(runs_view_state()))
+    return exp_id
+
+
+def runs_view_url(base: str, experiment_id: str) -> str:
+    """The experiment's training-runs table (`workflowType=machine_learning`: MLflow 3.17's UI picks its GenAI or
+    ML layout from that switch, remembered per browser) in genzoo's view."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+# --- the data set as an MLflow input ------------------------------------------------------------------
+def log_dataset_input(c, run_id: str, cfg, manifest: dict, x, y, context: str) -> None:
+    """The prepared data set as the run's input (the UI's Dataset column): named by its slug, digest = the
+    manifest's content hash, source = the prepared folder; the schema from a few rows of `x`/`y` (the split
+    already read), the profile the split's full shape."""
+    import mlflow.data
+    import numpy as np
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from pipeline.paths import prepared_dir
+
+    x, y = np.asarray(x), np.asarray(y)
+    source = LocalArtifactDatasetSource(str(prepared_dir(cfg.data).resolve()))
+    sample = mlflow.data.from_numpy(x[:8], targets=y[:8], source=source, name=dataset_slug(cfg.data.dataset),
+                                    digest=manifest["content_hash"][:16])
+    e = sample._to_mlflow_entity()
+    profile = json.dumps({"features_shape": list(x.shape), "targets_shape": list(y.shape),
+                          "dataset": cfg.data.dataset, "content_hash": manifest["content_hash"]})
+    dataset = Dataset(e.name, e.digest, e.source_type, e.source, e.schema, profile)
+    c.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def _unwritable(uri: str, why: str) -> str:

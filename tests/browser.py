@@ -103,9 +103,11 @@ def screenshot(chromium: str, url: str, png: Path, window=(1400, 900)) -> Path:
     return png
 
 
-def dump_dom(chromium: str, url: str) -> str:
-    """The DOM after the page's scripts ran (serialised HTML)."""
-    return _chromium_run(chromium, ["--dump-dom", f"--virtual-time-budget={VIRTUAL_TIME_MS}", url]).stdout
+def dump_dom(chromium: str, url: str, window=None) -> str:
+    """The DOM after the page's scripts ran (serialised HTML); `window` (width, height): a wide one renders the
+    columns that a table draws only when they are in view (MLflow's runs table)."""
+    size = [f"--window-size={window[0]},{window[1]}"] if window else []
+    return _chromium_run(chromium, ["--dump-dom", *size, f"--virtual-time-budget={VIRTUAL_TIME_MS}", url]).stdout
 
 
 def visible_text(dom: str) -> str:
@@ -228,13 +230,3 @@ class MlflowUI:
         runs = urllib.request.quote(json.dumps(sorted(run_ids), separators=(",", ":")))
         exps = urllib.request.quote(json.dumps([experiment_id], separators=(",", ":")))
         return f"{self.base}/#/compare-runs?runs={runs}&experiments={exps}"
-
-    def share_grouped_view(self, experiment_id: str, group_tag: str, key: str = "genzoo-families") -> str:
-        """Store a shared view of the runs table (filtered on, and grouped by, `group_tag`) as the experiment
-        tag the UI reads for `?viewStateShareKey=<key>`. The family runs are children of the pipeline run, so
-        the plain table shows only the collapsed parent; grouped, every family run gets its own row."""
-        state = {"searchFilter": f"tags.`{group_tag}` LIKE '%'",
-                 "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": group_tag}]}}
-        self.api("experiments/set-experiment-tag", {"experiment_id": experiment_id,
-                                                    "key": f"mlflow.sharedViewState.{key}", "value": json.dumps(state)})
-        return key

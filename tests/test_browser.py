@@ -79,19 +79,38 @@ def test_rest_api_has_every_family_run_with_metrics(family_runs):
         assert not missing, f"{family} lacks {sorted(missing)}"
         assert run["metrics"]["test/fid"] >= 0
         assert run["tags"]["genzoo.dataset"] == "digits"
-        assert {"genzoo.data_hash", "genzoo.git_commit", "test/nll_kind", "mlflow.parentRunId"} <= set(run["tags"]), family
+        assert {"genzoo.data_hash", "genzoo.git_commit", "test/nll_kind", "genzoo.pipeline_run"} <= set(run["tags"]), family
+        assert "mlflow.parentRunId" not in run["tags"], family  # its own row, not folded under the report run
+        (dataset,) = [i["dataset"] for i in run["inputs"]["dataset_inputs"]]
+        assert dataset["name"] == "digits" and run["tags"]["genzoo.data_hash"].startswith(dataset["digest"]), dataset
 
 
-def test_runs_table_lists_the_family_runs(ui, family_runs, chromium, tmp_path):
+def test_genzoo_ui_opens_the_runs_table_with_a_row_per_family(filled_store, ui, family_runs, chromium, tmp_path):
+    """The view `genzoo ui` prints: the ML runs table (not MLflow 3's GenAI overview), one row per family run and
+    the report run, sorted by test/nll, with the Dataset and test/* metric columns."""
+    from pipeline import tracking
+    from pipeline.config import load_config
+
+    project, db = filled_store
     exp_id, runs = family_runs
-    url = ui.runs_table_url(exp_id, share_key=ui.share_grouped_view(exp_id, "genzoo.family"))
+    cfg = load_config([f"tracking.uri=sqlite:///{db}"], params_file=str(project / "params.yaml"))
+    assert tracking.prepare_runs_view(cfg) == exp_id  # what `genzoo ui` does before it starts mlflow ui
+    url = tracking.runs_view_url(ui.base, exp_id)
     assert_not_blank(screenshot(chromium, url, tmp_path / "runs.png"))
-    text = visible_text(dump_dom(chromium, url))
+    dom = dump_dom(chromium, url, window=(3000, 900))  # the metric columns right of Dataset, in view
+    text = visible_text(dom)
     assert "genzoo-digits" in text, text[:2000]
-    for family, run in runs.items():
-        assert f"Group: {family}" in text, f"no row group for {family} in the runs table:\n{text[:3000]}"
-        assert run["info"]["run_name"] in text, f"{family}'s run {run['info']['run_name']} not listed"
-    assert re.search(rf"\b{len(runs) + 1} matching runs\b", text), text[-1500:]  # + the pipeline parent run
+    assert "Group:" not in text, text[:3000]
+    names = [run["info"]["run_name"] for run in runs.values()]
+    for name in [*names, "report-digits"]:
+        assert name in text, f"run {name} is not a row of the runs table:\n{text[:3000]}"
+    assert re.search(rf"\b{len(runs) + 1} matching runs\b", text), text[-1500:]  # the families + the report run
+    assert "test/nll" in text and "test/fid" in text, text[:3000]  # the metric columns genzoo's view selects
+    assert "Dataset" in text and re.search(r"(?<![-\w])digits(?![-\w])", text), text[:3000]
+    assert not re.search(r"Token usage|Latency|No traces", text), text[:3000]  # not the GenAI overview
+    by_nll = sorted(names, key=lambda n: next(r["metrics"]["test/nll"] for r in runs.values()
+                                              if r["info"]["run_name"] == n))
+    assert [text.index(n) for n in by_nll] == sorted(text.index(n) for n in by_nll), by_nll  # lowest test/nll first
 
 
 def test_compare_view_shows_the_runs_side_by_side(ui, family_runs, chromium, tmp_path):

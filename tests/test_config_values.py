@@ -57,6 +57,7 @@ BAD = {
     "eval.kid_subset_size": 1,
     "eval.kid_subsets": 0,
     "eval.grid_size": 0,
+    "eval.device": "tpu",  # auto | cpu | cuda | cuda:<index> | mps (a GPU that is absent: test_eval_device)
     "eval.fid.features": "pixels",
     "tracking.log_model": "maybe",
     "tracking.register": "maybe",
@@ -246,9 +247,16 @@ def test_a_bad_value_is_refused_naming_the_key(params, key):
                                       "trainer.strategy=ddp", "data.holdout_class=0", "rbm.lr=null",
                                       "data.dataset=toy2d:moons", "diffusion.guidance=-1",
                                       "tracking.champion_metric=test/fid", "tracking.champion_mode=max",
-                                      "tracking.champion_metric=perf/train_seconds", "tracking.register=true"])
+                                      "tracking.champion_metric=perf/train_seconds", "tracking.register=true",
+                                      "eval.device=cpu", "eval.device=cuda", "eval.device=cuda:1", "eval.device=mps"])
 def test_good_values_pass(params, override):
     load_config([override], params_file=params)
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", "''"])
+def test_eval_device_names_a_torch_device(params, bad):
+    with pytest.raises(GenzooError, match="'eval.device': must be auto, cpu, cuda, cuda:<index> or mps"):
+        load_config([f"eval.device={bad}"], params_file=params)
 
 
 def test_registering_needs_the_logged_model(params):

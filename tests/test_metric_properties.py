@@ -28,8 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Stub:
-    """Just what the metrics ask of a model: `token_count` (token sequences padded with -1, or None) and
-    `anomaly_score` (the first column of x)."""
+    """Just what the metrics ask of a model: `token_count` (token sequences padded with -1, or None),
+    `anomaly_score` (the first column of x), and its `device` (where the scoring sends each batch)."""
+
+    device = torch.device("cpu")
 
     def __init__(self, tokens: bool = False):
         self.tokens = tokens

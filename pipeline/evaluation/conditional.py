@@ -22,11 +22,14 @@ from torch import Tensor
 
 from lightning_modules.contract import GenerativeModel
 from pipeline.evaluation.featnet import FeatNet
+from pipeline.evaluation.sample_metrics import module_device
 
 
 @torch.no_grad()
-def accuracy(predict, x: Tensor, y: Tensor, batch_size: int) -> float:
-    pred = torch.cat([predict(chunk).argmax(1).cpu() for chunk in x.split(batch_size)])
+def accuracy(predict, x: Tensor, y: Tensor, batch_size: int, device=None) -> float:
+    """Accuracy of `predict`'s argmax on (x, y) (on the CPU); each batch goes to `device` (the predictor's)."""
+    pred = torch.cat([predict(chunk.to(device) if device is not None else chunk).argmax(1).cpu()
+                      for chunk in x.split(batch_size)])
     return (pred == y).double().mean().item()
 
 
@@ -74,8 +77,9 @@ def proportional_labels(prior: Tensor, n: int, generator: torch.Generator) -> Te
 
 @torch.no_grad()
 def labelled_samples(model: GenerativeModel, labels: Tensor, batch_size: int) -> Tensor:
-    """Samples asked for the given classes, in data space."""
-    return torch.cat([model.sample(len(chunk), chunk).detach().cpu() for chunk in labels.split(batch_size)])
+    """Samples asked for the given classes, in data space (on the CPU; drawn on the model's device)."""
+    return torch.cat([model.sample(len(chunk), chunk.to(model.device)).detach().cpu()
+                      for chunk in labels.split(batch_size)])
 
 
 def conditional_metrics(model: GenerativeModel, kind: str, train_labels: Tensor, test: Tuple[Tensor, Tensor],
@@ -89,7 +93,8 @@ def conditional_metrics(model: GenerativeModel, kind: str, train_labels: Tensor,
     labels = train_labels[torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(ecfg.seed))]
     samples = labelled_samples(model, labels, ecfg.batch_size)
     if classifier is not None:
-        metrics["cond_acc"] = accuracy(classifier, samples, labels, ecfg.batch_size)
+        device = module_device(classifier) if isinstance(classifier, torch.nn.Module) else None  # or any callable
+        metrics["cond_acc"] = accuracy(classifier, samples, labels, ecfg.batch_size, device)
     if kind == "image":
         metrics["cas"] = classification_accuracy_score(samples, labels, test, model.num_classes, fcfg, ecfg.seed,
                                                        ecfg.batch_size)

@@ -13,6 +13,26 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from lightning_modules.contract import progress
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters (or buffers) are; the CPU for one without any (raw-data features)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class OnItsDevice(nn.Module):
+    """`features` run on the device it is on (`eval.device`), its output handed back on the CPU: the metrics'
+    float64 states stay on the CPU (MPS has no float64) whatever device the feature network runs on."""
+
+    def __init__(self, features: nn.Module):
+        super().__init__()
+        self.features = features
+        self.num_features = features.num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x.to(module_device(self.features))).cpu()
+
+
 def _update(metric, x: Tensor, real: bool, batch_size: int) -> None:
     chunks = x.split(batch_size)
     for chunk in progress(chunks, "features", len(chunks)):
@@ -30,7 +50,9 @@ def fid_metric(features: nn.Module, reset_real_features: bool = True) -> Frechet
 @torch.no_grad()
 def fid_kid(features: nn.Module, real: Tensor, fake: Tensor, kid_subset_size: int = 100,
             kid_subsets: int = 50, batch_size: int = 256) -> Dict[str, float]:
-    """FID and KID of `fake` against `real` (both in data space, same shape)."""
+    """FID and KID of `fake` against `real` (both in data space, same shape); `features` runs on its own device,
+    the metrics on the CPU."""
+    features = OnItsDevice(features)
     fid = fid_metric(features)
     subset = min(kid_subset_size, len(real), len(fake))
     kid = KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=subset, normalize=True)
@@ -63,5 +85,6 @@ def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3) -> Dict
 
 @torch.no_grad()
 def extract(features: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
-    chunks = x.split(batch_size)
-    return torch.cat([features(chunk) for chunk in progress(chunks, "features", len(chunks))])
+    """The features of `x` (on the CPU), computed on the device `features` is on."""
+    chunks, device = x.split(batch_size), module_device(features)
+    return torch.cat([features(chunk.to(device)).cpu() for chunk in progress(chunks, "features", len(chunks))])

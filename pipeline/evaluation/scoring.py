@@ -23,11 +23,13 @@ MAX_LOG_FLOAT = math.log(sys.float_info.max)  # the largest x with a finite exp(
 
 
 @torch.no_grad()
-def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
-    """fn over `x` in chunks of `batch_size`, with a progress bar (on a terminal) named after fn."""
+def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int, device=None) -> Tensor:
+    """fn over `x` in chunks of `batch_size`, each moved to `device` (the model's: `eval.device`), the results
+    gathered on the CPU, with a progress bar (on a terminal) named after fn."""
     chunks = x.split(batch_size)
     name = getattr(fn, "__name__", "evaluate")
-    return torch.cat([fn(chunk).detach().cpu() for chunk in progress(chunks, name, len(chunks))])
+    return torch.cat([fn(chunk if device is None else chunk.to(device)).detach().cpu()
+                      for chunk in progress(chunks, name, len(chunks))])
 
 
 def likelihood_metrics(model: GenerativeModel, log_p: Tensor, x: Tensor, info: DataInfo, batch_size: int) -> Dict[str, float]:
@@ -37,8 +39,8 @@ def likelihood_metrics(model: GenerativeModel, log_p: Tensor, x: Tensor, info: D
     if info.levels is not None:
         nll += info.dim * math.log(info.levels)
     out = {"nll": nll, "bpd": nll / (info.dim * math.log(2))}
-    if model.token_count(x[:1]) is not None:  # sequence models over tokens: perplexity per token
-        tokens = batched(model.token_count, x, batch_size).double().sum().item()
+    if model.token_count(x[:1].to(model.device)) is not None:  # sequence models over tokens: perplexity per token
+        tokens = batched(model.token_count, x, batch_size, model.device).double().sum().item()
         per_token = -log_p.sum().item() / tokens
         # math.exp raises OverflowError past ~709.78 nats per token: such a perplexity is +inf
         out["perplexity"] = math.inf if per_token >= MAX_LOG_FLOAT else math.exp(per_token)
@@ -51,8 +53,8 @@ def held_out_log_likelihoods(model: GenerativeModel, x: Tensor, y: Tensor, batch
     pass over log p(x, y) for every class: log p(x) is its log-sum-exp over y (the contract's marginal) and the
     Bayes classifier its argmax."""
     if not model.can_classify():
-        return batched(model.log_prob, x, batch_size).double(), {}
-    joint = batched(model.class_log_joint, x, batch_size).double()
+        return batched(model.log_prob, x, batch_size, model.device).double(), {}
+    joint = batched(model.class_log_joint, x, batch_size, model.device).double()
     return torch.logsumexp(joint, 1), {"gen_class_acc": bayes_classifier_accuracy(joint, y)}
 
 
@@ -101,9 +103,9 @@ def anomaly_metrics(model: GenerativeModel, test: Tensor, anomalies: Dict[str, T
     vs each anomaly set and all together, and the ROC curve of all together."""
     from torchmetrics.functional.classification import binary_auroc, binary_roc
 
-    normal = batched(model.anomaly_score, test, batch_size)
+    normal = batched(model.anomaly_score, test, batch_size, model.device)
     metrics, curves = {}, {}
-    scores = {name: batched(model.anomaly_score, a, batch_size) for name, a in anomalies.items()}
+    scores = {name: batched(model.anomaly_score, a, batch_size, model.device) for name, a in anomalies.items()}
     scores["all"] = torch.cat(list(scores.values()))
     for name, s in scores.items():
         score = score_ranks(torch.cat([normal, s]))
@@ -122,8 +124,8 @@ def probe_metrics(model: GenerativeModel, train, test, batch_size: int, seed: in
     from sklearn.preprocessing import StandardScaler
 
     (xtr, ytr), (xte, yte) = train, test
-    ftr = batched(model.encode, xtr, batch_size).flatten(1).double().numpy()
-    fte = batched(model.encode, xte, batch_size).flatten(1).double().numpy()
+    ftr = batched(model.encode, xtr, batch_size, model.device).flatten(1).double().numpy()
+    fte = batched(model.encode, xte, batch_size, model.device).flatten(1).double().numpy()
     ytr, yte = ytr.numpy(), yte.numpy()
     scaler = StandardScaler().fit(ftr)
     ftr, fte = scaler.transform(ftr), scaler.transform(fte)
@@ -203,7 +205,7 @@ def score(model: GenerativeModel, dm, features: Optional[torch.nn.Module], ecfg,
     if model.has_encoder() and info.num_classes:
         metrics.update(probe_metrics(model, dm.split("train"), (test_x, test_y), bs, ecfg.seed))
     if dm.labelled is not None and model.can_classify():  # trained on a semi-supervised split
-        metrics["semi_acc"] = accuracy(model.classify, test_x, test_y, bs)
+        metrics["semi_acc"] = accuracy(model.classify, test_x, test_y, bs, model.device)
     labelled = None
     if model.conditional:
         m, *labelled = conditional_metrics(model, info.kind, dm.split("train")[1], (test_x, test_y), label_classifier,

@@ -6,6 +6,7 @@ takes the alias `champion` when it beats the champion's `tracking.champion_metri
 from __future__ import annotations
 
 import json
+import logging
 
 from lightning_modules.registry import family_class
 from pipeline import tracking
@@ -16,7 +17,7 @@ from pipeline.evaluation.features import feature_extractor, label_classifier
 from pipeline.evaluation.scoring import score
 from pipeline.paths import STATE_FILE, class_samples_png, family_report_path, models_dir, samples_png
 from pipeline.plots import save_class_grid, save_samples
-from pipeline.runtime import datamodule_for
+from pipeline.runtime import datamodule_for, eval_device
 
 PERF_METRICS = ("samples_per_second", "train_seconds", "parameters", "peak_memory_mb")
 
@@ -30,6 +31,7 @@ def preflight(cfg) -> None:
     """What an evaluation needs besides the model, checked before a sweep point trains (so a missing feature
     network stops it in a second, not after training): the prepared data and the feature space."""
     family = require_family(cfg)
+    eval_device(cfg)  # eval.device=cuda without a GPU: refused before the point trains
     dm = datamodule_for(cfg, family_class(family))
     feature_extractor(cfg, dm.info)
     label_classifier(cfg, dm.info)
@@ -52,6 +54,8 @@ def evaluate(cfg, point=None) -> dict:
     dm = datamodule_for(cfg, cls)
     # before the run is reopened: a model of other data is the user's mix-up, not a failure of that run
     check_same_data(state.get("trained_on"), dm.manifest, model_dir, family)
+    device = eval_device(cfg)  # eval.device=cuda without a GPU is refused here, before the run is reopened
+    logging.getLogger(__name__).info("evaluating %s on %s", family, device)
 
     import mlflow
 
@@ -61,8 +65,11 @@ def evaluate(cfg, point=None) -> dict:
         with tracking.failing_marks_run(cfg, lambda: run["run_id"]):
             model = load_model(model_dir / "model.ckpt", cls)
             check_same_data(model.trained_on, dm.manifest, model_dir / "model.ckpt", family, model.info)
-            metrics, curves, samples, labelled = score(model, dm, feature_extractor(cfg, dm.info), cfg.eval,
-                                                       label_classifier(cfg, dm.info), cfg.featnet)
+            model.to(device)  # the scoring moves each batch to the model's device and the results back
+            features, classifier = feature_extractor(cfg, dm.info), label_classifier(cfg, dm.info)
+            features, classifier = (None if m is None else m.to(device) for m in (features, classifier))
+            metrics, curves, samples, labelled = score(model, dm, features, cfg.eval, classifier, cfg.featnet)
+            model.cpu()  # the logged MLflow model's input example and signature are computed on the CPU
             metrics.update(state.get("cost", {}))
             grid = save_samples(samples, dm.info.kind, samples_png(family, slug), cfg.eval.grid_size)
             grids = [grid]

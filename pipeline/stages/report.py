@@ -1,6 +1,7 @@
 """Stage `report`: `reports/metrics.json` (DVC metrics), DVC plot data, and `reports/index.html`
 (one self-contained page: comparison table, samples, training and ROC curves, config and commit);
-one parent MLflow run per pipeline run holds the report and adopts the family runs as children."""
+one MLflow run per pipeline run, `report-<dataset slug>`, holds the report; each family run names it in its tag
+`genzoo.pipeline_run` (and stays a row of its own in the runs table)."""
 from __future__ import annotations
 
 import base64
@@ -18,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
+from pipeline.data.names import dataset_slug  # noqa: E402
 from pipeline.errors import GenzooError  # noqa: E402
 from pipeline.evaluation.comparison import FLOOR_ROW, best_per_column, cell, used_columns  # noqa: E402
 from pipeline.paths import FEATNET_REPORT, INDEX_HTML, METRICS_JSON, PLOTS, ROC_PLOTS, family_report_path  # noqa: E402
@@ -256,15 +258,20 @@ def metrics_json(results, floor) -> dict:
     return out
 
 
-def parent_run(cfg, results, files) -> str:
-    """One parent run per pipeline run: holds the report; the family runs become its children."""
+PIPELINE_RUN_TAG = "genzoo.pipeline_run"
+
+
+def report_run(cfg, results, files) -> str:
+    """One run per pipeline run, `report-<dataset slug>`: holds the report. The family runs stay top-level rows
+    of the runs table (no `mlflow.parentRunId`, which would fold them under it) and name it in their tag
+    `genzoo.pipeline_run`."""
     c = tracking.client(cfg)
     exp = c.get_experiment_by_name(tracking.experiment_name(cfg))
-    run = c.create_run(exp.experiment_id, run_name=f"pipeline {cfg.data.dataset}",
-                       tags={"genzoo.role": "pipeline", "genzoo.dataset": cfg.data.dataset,
+    run = c.create_run(exp.experiment_id, run_name=f"report-{dataset_slug(cfg.data.dataset)}",
+                       tags={"genzoo.role": "report", "genzoo.dataset": cfg.data.dataset,
                              "genzoo.git_commit": tracking.git_commit()})
     for r in results.values():
-        c.set_tag(r["run_id"], "mlflow.parentRunId", run.info.run_id)
+        c.set_tag(r["run_id"], PIPELINE_RUN_TAG, run.info.run_id)
     for f in files:
         c.log_artifact(run.info.run_id, str(f), artifact_path="report")
     c.set_terminated(run.info.run_id, "FINISHED")
@@ -279,5 +286,5 @@ def report(cfg) -> Path:
     write_dvc_plots(histories, results)
     METRICS_JSON.write_text(json.dumps(metrics_json(results, floor), indent=2, sort_keys=True) + "\n")
     page = write_html(cfg, results, rows, histories, floor)
-    parent_run(cfg, results, [METRICS_JSON, page])
+    report_run(cfg, results, [METRICS_JSON, page])
     return page

@@ -11,7 +11,7 @@ from pipeline.checkpoints import check_same_data, load_any
 from pipeline.errors import GenzooError
 from pipeline.paths import models_dir
 from pipeline.plots import save_samples
-from pipeline.runtime import datamodule_for
+from pipeline.runtime import datamodule_for, eval_device
 
 
 def sample_to_file(model_ref: Optional[str], n: int, output: str, temperature: Optional[float] = None,
@@ -27,13 +27,15 @@ def sample_to_file(model_ref: Optional[str], n: int, output: str, temperature: O
     else:
         raise GenzooError("say which model: --model <checkpoint path | runs:/<run id>/model>, or family=<name> for "
                           "the one trained on the configured data")
+    if cfg is not None:
+        model.to(eval_device(cfg))  # eval.device
     kwargs = {}
     if label is not None:
         if not model.conditional:
             raise GenzooError(f"--label: this {model.family} model was trained without labels (conditional=false)")
         if not 0 <= label < model.num_classes:
             raise GenzooError(f"--label must be a class in 0..{model.num_classes - 1}, not {label}")
-        kwargs["y"] = torch.full((n,), label, dtype=torch.long)
+        kwargs["y"] = torch.full((n,), label, dtype=torch.long, device=model.device)
     if temperature is not None:
         if not model.takes_temperature:
             raise GenzooError(f"{model.family} sampling takes no temperature")

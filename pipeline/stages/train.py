@@ -139,6 +139,8 @@ def train(cfg, point=None) -> Path:
     fit_model = torch.compile(model) if cfg.trainer.compile else model
     start = time.perf_counter()
     with tracking.failing_marks_run(cfg, lambda: logger.run_id if trainer.is_global_zero else None):
+        if trainer.is_global_zero and resume_ckpt is None:  # the data set as the run's input (read once: fit reuses it)
+            tracking.log_dataset_input(logger.experiment, logger.run_id, cfg, dm.manifest, *dm.raw("train"), "training")
         if cls.needs_init_data:
             model.provide_init_data(dm.split("train")[0], train_y)
         try:
