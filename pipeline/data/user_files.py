@@ -13,6 +13,7 @@ from typing import List, Tuple
 import numpy as np
 
 from pipeline.data.prepared import split_indices
+from pipeline.data.store import sha256 as file_sha256
 from pipeline.errors import GenzooError
 
 
@@ -45,8 +46,8 @@ class SourceFile:
     def sha256(self) -> str:
         """The file's sha256; for a folder, the sha256 of its files' relative paths and sha256s, sorted."""
         if self.path.is_file():
-            return _file_sha256(self.path)
-        lines = [f"{f.relative_to(self.path).as_posix()}:{_file_sha256(f)}"
+            return file_sha256(self.path)
+        lines = [f"{f.relative_to(self.path).as_posix()}:{file_sha256(f)}"
                  for f in sorted(self.path.rglob("*")) if f.is_file()]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -62,14 +63,6 @@ class SourceFile:
                 why = f" with data.{key}={getattr(dcfg, key)}" if key else ""
                 raise GenzooError(f"{self.kind} {self.path}: {n} {what} leave the {split} split empty{why}: "
                                   "give more examples (or a larger fraction)")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def class_indices(values: np.ndarray, where: str) -> Tuple[np.ndarray, List]:
