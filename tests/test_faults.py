@@ -281,7 +281,8 @@ def test_second_concurrent_dvc_repro_is_refused_and_the_first_finishes(tmp_path)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("pipeline", "lightning_modules"):
         shutil.copytree(REPO / name, proj / name, ignore=ignore)
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", "data/user/README.md"):  # data/user: a dep of the fetch stage
+        (proj / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, proj / name)
     env = {**child_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "DVC_NO_ANALYTICS": "1"}
