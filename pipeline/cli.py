@@ -93,7 +93,9 @@ def cmd_featnet(cfg, args):
     from pipeline.stages.featnet import run_featnet
 
     r = run_featnet(cfg)
-    print("featnet: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()))
+    ngram = r.pop("ngram", {})
+    print("featnet: " + ", ".join([f"{k}={v:.4g}" for k, v in r.items()] +
+                                  [f"{name} perplexity={m['perplexity']:.4g}" for name, m in ngram.items()]))
 
 
 def cmd_train(cfg, args):
@@ -126,6 +128,11 @@ def _print_metrics(name: str, result: dict) -> None:
 
 
 def cmd_report(cfg, args):
+    if args.sweep is not None:
+        from pipeline.stages.sweep_report import sweep_report
+
+        print(f"report: {sweep_report(cfg, args.sweep)}")
+        return
     from pipeline.stages.report import report
 
     print(f"report: {report(cfg)}")
@@ -203,6 +210,12 @@ def _options_compare(p):
                    help="one row per finished run (of family=<name>, if given): pipeline runs and sweep points")
 
 
+def _options_report(p):
+    p.add_argument("--sweep", nargs="?", const="latest", default=None, metavar="ID",
+                   help="instead of the pipeline's report, reports/sweeps/<ID>.html: one row per point of a "
+                        "`genzoo train -m` sweep, the latest (of family=<name>, if given) or the sweep ID")
+
+
 def _options_ui(p):
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
 
@@ -213,7 +226,7 @@ COMMANDS: Dict[str, tuple] = {
     "featnet": (cmd_featnet, "stage: the FID feature network and the real-data floor", None),
     "train": (cmd_train, "stage: train one family (family=<name>), logged to MLflow", _options_train),
     "evaluate": (cmd_evaluate, "stage: score one trained family (family=<name>)", None),
-    "report": (cmd_report, "stage: reports/metrics.json and reports/index.html", None),
+    "report": (cmd_report, "stage: reports/metrics.json and reports/index.html", _options_report),
     "sample": (cmd_sample, "draw samples from a checkpoint or an MLflow model", _options_sample),
     "compare": (cmd_compare, "the comparison table of finished runs, from MLflow", _options_compare),
     "ui": (cmd_ui, "the MLflow UI over this project's store", _options_ui),
@@ -313,8 +326,26 @@ def run_sweep(args, load_config) -> None:
         except GenzooError as e:
             print(f"genzoo: error: sweep point {point.slug}: {e}", file=sys.stderr)
             failed.append(point.slug)
+    if args.command == "train" and len(failed) < len(points):
+        _sweep_report(configs, sweep_id)
     if failed:
         raise GenzooError(f"{len(failed)} of {len(points)} sweep points failed: {', '.join(failed)}")
+
+
+def _sweep_report(configs, sweep_id: str) -> None:
+    """The page of a trained (and evaluated) sweep, one row per point; a sweep across data sets has its points in
+    several experiments, one page each: `genzoo report --sweep ID data.dataset=<name>`."""
+    from pipeline.stages.sweep_report import sweep_report
+
+    datasets = {cfg.data.dataset for cfg in configs}
+    if len(datasets) == 1:
+        cfg = configs[0]
+        if len({c.family for c in configs}) > 1:  # a sweep over families: every point's row
+            cfg = cfg.copy()
+            cfg.family = None
+        print(f"report: {sweep_report(cfg, sweep_id)}")
+    else:
+        print(f"report: genzoo report --sweep {sweep_id} data.dataset=<one of {', '.join(sorted(datasets))}>")
 
 
 def main(argv=None) -> None:

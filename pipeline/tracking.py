@@ -214,10 +214,10 @@ def log_dataset_input(c, run_id: str, cfg, manifest: dict, x, y, context: str) -
     source = LocalArtifactDatasetSource(str(prepared_dir(cfg.data).resolve()))
     sample = mlflow.data.from_numpy(x[:8], targets=y[:8], source=source, name=dataset_slug(cfg.data.dataset),
                                     digest=manifest["content_hash"][:16])
-    e = sample._to_mlflow_entity()
+    d = sample.to_dict()  # name, digest, source, source_type, schema (public API; profile replaced below)
     profile = json.dumps({"features_shape": list(x.shape), "targets_shape": list(y.shape),
                           "dataset": cfg.data.dataset, "content_hash": manifest["content_hash"]})
-    dataset = Dataset(e.name, e.digest, e.source_type, e.source, e.schema, profile)
+    dataset = Dataset(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"), profile)
     c.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 

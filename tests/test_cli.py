@@ -10,7 +10,7 @@ import yaml
 from pipeline import cli
 
 OWN_OPTIONS = {"train": {"--multirun"}, "sample": {"--model", "--output", "--temperature"},
-               "compare": {"--runs", "--experiment", "--sweep", "--all"}, "ui": {"--port"}}
+               "compare": {"--runs", "--experiment", "--sweep", "--all"}, "report": {"--sweep"}, "ui": {"--port"}}
 ALL_OPTIONS = set().union(*OWN_OPTIONS.values())
 
 

@@ -21,3 +21,19 @@ def test_an_estimate_is_never_ranked_best_against_exact_values_or_bounds():
 def test_estimates_compete_among_themselves():
     rows = {"a": {"nll_kind": "estimate", "nll": 80.0}, "b": {"nll_kind": "estimate", "nll": 70.0}}
     assert best_per_column(rows)["nll"] == "b"
+
+
+def test_token_data_shows_the_ngram_baselines_beside_the_families_unranked():
+    """The featnet stage's n-gram baselines (token data) are rows of the report's table, in the reference style;
+    the best mark stays among the families even where a baseline is better."""
+    from pipeline.report_page import html_table, table_rows
+
+    results = {"hmm": {"metrics": {"nll": 160.0, "bpd": 3.5, "perplexity": 11.5}, "nll_kind": "exact"}}
+    floor = {"ngram": {"unigram": {"nll": 210.8, "bpd": 4.78, "perplexity": 27.43, "smoothing_k": 1e-3},
+                       "bigram": {"nll": 151.4, "bpd": 3.43, "perplexity": 10.78, "smoothing_k": 0.3}}}
+    rows = table_rows(results, floor)
+    assert list(rows) == ["hmm", "unigram (add-k)", "bigram (add-k)"]
+    rows["flow"] = {"nll": 170.0, "nll_kind": "exact"}
+    assert best_per_column(rows)["nll"] == "hmm"  # not the bigram's 151.4
+    page = html_table(rows)
+    assert '<tr class="floor"><th>bigram (add-k)</th><td>exact</td><td>151.40</td><td>3.430</td><td>10.78</td>' in page

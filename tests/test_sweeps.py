@@ -95,6 +95,11 @@ def test_a_sweep_trains_and_evaluates_every_point_in_its_own_folder(project_dir,
         n = params["gmm.n_components"]
         assert run.info.run_name.endswith(f"n_components={n}") and tags["genzoo.sweep_point"] == f"gmm.n_components={n}"
         assert tags["genzoo.dvc_experiment"] == "tidy-moth"
+        (data,) = _store(project_dir).get_run(run.info.run_id).inputs.dataset_inputs  # the UI's Dataset column
+        profile = json.loads(data.dataset.profile)
+        assert data.dataset.name == "toy2d-moons" and tags["genzoo.data_hash"].startswith(data.dataset.digest)
+        assert profile["content_hash"] == tags["genzoo.data_hash"] and profile["features_shape"][1] == 2
+        assert json.loads(data.dataset.schema) and [(t.key, t.value) for t in data.tags] == [("mlflow.data.context", "training")]
         assert [a.path for a in _store(project_dir).list_artifacts(run.info.run_id, "samples")] == ["samples/gmm.png"]
         folder = project_dir / "data" / "sweeps" / "gmm" / f"n_components={n}"
         assert json.loads((folder / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
@@ -104,6 +109,18 @@ def test_a_sweep_trains_and_evaluates_every_point_in_its_own_folder(project_dir,
         folders[run.info.run_id] = folder
     assert len(set(folders.values())) == 2 and len({r.data.tags["genzoo.sweep"] for r in runs}) == 1
     assert not (project_dir / "data" / "models").exists() and not (project_dir / "reports" / "families").exists()
+
+    # the sweep's report page: one row per point, its metrics and sample grid, written when the sweep ends
+    sweep_id = runs[0].data.tags["genzoo.sweep"]
+    page = project_dir / "reports" / "sweeps" / f"{sweep_id}.html"
+    assert f"report: {Path('reports/sweeps') / f'{sweep_id}.html'}" in r.stdout
+    text = page.read_text()
+    for run in runs:
+        assert f"<th>{run.info.run_name}</th>" in text and f"{run.data.metrics['test/nll']:.2f}</td>" in text
+    assert text.count('alt="gmm-toy2d-moons-n_components=') == 2 and "<th>sweep point</th>" in text
+    page.unlink()
+    cli.main(["report", "--sweep", sweep_id, *MOONS, "family=gmm", f"tracking.uri=sqlite:///{project_dir / 'mlflow.db'}"])
+    assert f"reports/sweeps/{sweep_id}.html" in capsys.readouterr().out and page.read_text().count("<tr><th>gmm-") == 2
 
     # `genzoo compare`: with only sweep runs, the latest sweep, one row per point (as with --sweep)
     for extra in ([], ["--sweep"]):

@@ -354,10 +354,14 @@ def test_unknown_names_list_the_prefixes(repo_root, tmp_path):
         cfg_for(repo_root, tmp_path, "csv:")
 
 
-def test_a_file_named_like_a_built_in_data_set_is_refused(repo_root, tmp_path):
-    """Its slug would share data/prepared/digits/, the experiment and the registered models of the built-in."""
-    with pytest.raises(GenzooError, match="data.dataset.*'digits' like the built-in"):
-        cfg_for(repo_root, tmp_path, f"csv:{tmp_path / 'digits.csv'}")
+def test_a_file_named_like_a_built_in_data_set_gets_its_kind_in_its_name():
+    """Not data/prepared/digits/, the experiment or the registered models of the built-in digits."""
+    from pipeline.data.names import BUILT_IN_SLUGS, dataset_slug
+    from pipeline.data.sources import SOURCES
+
+    assert BUILT_IN_SLUGS == {dataset_slug(b) for b in SOURCES}
+    assert dataset_slug("npz:/data/digits.npz") == "digits-npz" and dataset_slug("csv:text.csv") == "text-csv"
+    assert dataset_slug("imagefolder:a/mnist/") == "mnist-imagefolder" and dataset_slug("npy:digits2.npy") == "digits2"
 
 
 @pytest.mark.parametrize("override, named", [("data.channels=2", "data.channels"), ("data.image_size=0", "data.image_size"),

@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.data import hmm_synthetic, text, toy2d, user_arrays, user_csv, user_images
 from pipeline.data.images import TORCHVISION, digits, digits_rows, torchvision_source
 from pipeline.data.labelled import select_labelled
-from pipeline.data.names import dataset_slug, user_source
+from pipeline.data.names import user_source
 from pipeline.data.prepared import Prepared
 from pipeline.data.standardise import standardise
 from pipeline.errors import GenzooError
@@ -46,10 +46,6 @@ def validate_dataset_name(name: str) -> None:
         prefixes = ", ".join(f"{p}:PATH" for p in USER_SOURCES)
         raise GenzooError(f"bad value for config key 'data.dataset': must be one of {', '.join(SOURCES)} "
                           f"or your own data as {prefixes}, not {name!r}")
-    # the slug names data/prepared/<slug>/, the MLflow experiment and the registered models: never a built-in's
-    if user is not None and dataset_slug(name) in {dataset_slug(b) for b in SOURCES}:
-        raise GenzooError(f"bad value for config key 'data.dataset': {name!r} would be named "
-                          f"'{dataset_slug(name)}' like the built-in data set: rename the file or folder")
 
 
 def load_source(dcfg) -> Prepared:

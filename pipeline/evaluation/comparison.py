@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 FLOOR_ROW = "real data"
+# token data: smoothed n-gram models of the same split (`evaluation.token_baselines`), the perplexity to beat
+NGRAM_ROWS = {"unigram": "unigram (add-k)", "bigram": "bigram (add-k)"}
+REFERENCE_ROWS = (FLOOR_ROW, *NGRAM_ROWS.values())  # rows shown beside the families, never ranked among them
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,12 @@ def _number(v) -> Optional[float]:
 
 
 def best_per_column(rows: Dict[str, dict]) -> Dict[str, str]:
-    """Column key -> the family with the best value (the real-data floor never competes)."""
+    """Column key -> the family with the best value (the real-data floor and the n-gram baselines never compete)."""
     best = {}
     for col in COLUMNS:
         if col.better is None:
             continue
-        vals = {f: _number(r.get(col.key)) for f, r in rows.items() if f != FLOOR_ROW}
+        vals = {f: _number(r.get(col.key)) for f, r in rows.items() if f not in REFERENCE_ROWS}
         vals = {f: v for f, v in vals.items() if v is not None}
         if col.key in LIKELIHOOD_COLUMNS and any(rows[f].get("nll_kind") != "estimate" for f in vals):
             vals = {f: v for f, v in vals.items() if rows[f].get("nll_kind") != "estimate"}

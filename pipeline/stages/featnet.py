@@ -1,7 +1,8 @@
 """Stage `featnet`: train the small classifier that defines the FID/KID feature space, report its test
 accuracy, and measure the real-data row: FID/KID/precision/recall of the test split against train (the
 floor), and on labelled data the discriminative baselines (logistic regression, the real-data CAS; with
-`data.labels_per_class`, the same trained on the labelled examples alone)."""
+`data.labels_per_class`, the same trained on the labelled examples alone); on token data the smoothed unigram
+and bigram models' test perplexity."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pipeline.evaluation.conditional import real_data_baselines, semi_supervised
 from pipeline.evaluation.featnet import FeatNet
 from pipeline.evaluation.features import feature_extractor
 from pipeline.evaluation.scoring import real_data_floor
+from pipeline.evaluation.token_baselines import ngram_baselines
 from pipeline.paths import FEATNET_FILE, FEATNET_REPORT, featnet_dir
 from pipeline.runtime import build_trainer, datamodule_for
 
@@ -41,6 +43,9 @@ def run_featnet(cfg) -> dict:
         if dm.labelled is not None:  # data.labels_per_class: the baselines on the labelled examples alone
             result.update(semi_supervised_baselines(dm.split("train"), torch.from_numpy(dm.labelled), dm.split("test"),
                                                     dm.info.kind, dm.info.num_classes, cfg.featnet, cfg.eval))
+    if dm.info.vocab_size:
+        train, val, test = (dm.split(s)[0] for s in ("train", "val", "test"))
+        result["ngram"] = ngram_baselines(train, val, test, dm.info.vocab_size)
     FEATNET_REPORT.parent.mkdir(exist_ok=True)
     FEATNET_REPORT.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
