@@ -38,7 +38,7 @@ from lightning_modules.gmm import GMM  # noqa: E402
 from pipeline.data.datamodule import BatchIndexedDataset, batch_loader  # noqa: E402
 
 K = 10
-CHUNK = 16384  # rows per e_step call (full covariance: a (CHUNK, K, D) float64 temporary)
+CHUNK = 16384  # rows per e_step call (a Lightning batch; e_step works through it in blocks of E_STEP_ROWS)
 
 
 def log(msg: str) -> None:
@@ -140,6 +140,14 @@ def bench_one(n: int, dim: int, covariance_type: str, iters: int, small_batch: b
 
     row["genzoo_em_s"], model = per_iteration(genzoo_em(init, xt), iters)
     ours = model.log_prob(xt).mean().item()
+    row["genzoo_f32_em_s"], model32 = per_iteration(genzoo_em(with_precision(init, "float32"), xt), iters)
+    row["genzoo_f32_loglik"] = model32.log_prob(xt).mean().item()
+    row["f32_loglik_rel_diff"] = abs(row["genzoo_f32_loglik"] - ours) / abs(ours)
+    assert row["f32_loglik_rel_diff"] < 1e-4, row
+    if covariance_type == "full":  # the E- and M-step products: [x, 1] (N, D+1) @ (D+1, K D), x^T (D, N) @ (N, K D)
+        flops = 2 * n * (dim + 1) * K * dim + 2 * n * dim * K * dim
+        row["genzoo_f32_gflops"] = flops / row["genzoo_f32_em_s"] / 1e9 if row["genzoo_f32_em_s"] else None
+        row["genzoo_f64_gflops"] = flops / row["genzoo_em_s"] / 1e9 if row["genzoo_em_s"] else None
     row["genzoo_trainer_epoch_s"], _ = per_iteration(genzoo_trainer(init, xt, CHUNK), iters)
     if small_batch:
         row["genzoo_trainer_epoch_b128_s"], _ = per_iteration(genzoo_trainer(init, xt, 128), 1)
@@ -157,11 +165,46 @@ def bench_one(n: int, dim: int, covariance_type: str, iters: int, small_batch: b
         row["torchgmm_s"] = row["torchgmm_loglik"] = None
     peers = [t for t in (row["sklearn_s"], row["torchgmm_s"]) if t]
     row["ratio_vs_fastest_peer"] = row["genzoo_em_s"] / min(peers)
+    row["f32_ratio_vs_sklearn"] = row["genzoo_f32_em_s"] / row["sklearn_s"] if row["sklearn_s"] else None
+    row["f32_ratio_vs_torchgmm"] = row["genzoo_f32_em_s"] / row["torchgmm_s"] if row["torchgmm_s"] else None
     return row
+
+
+def with_precision(init: GMM, precision: str) -> GMM:
+    clone = GMM({**dataclasses.asdict(init.config), "precision": precision}, init.info.to_dict())
+    clone.load_state_dict(init.state_dict())
+    return clone
+
+
+def gemm_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's matrix-product speed in GFLOP/s (best of `repeats` square products), measured in this run."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
 
 
 def fmt(t) -> str:
     return "n/a" if t is None else f"{1000 * t:.1f}"
+
+
+def ratio(r) -> str:
+    return "n/a" if r is None else f"{r:.2f}"
+
+
+def precision_table(rows, peaks) -> str:
+    head = ("| N | D | cov | float64 EM step (ms) | float32 EM step (ms) | float32 / scikit-learn | float32 / torchgmm "
+            "| float32 GFLOP/s (peak) | float64 GFLOP/s (peak) | float32 loglik rel. diff |\n"
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for r in rows:
+        g32, g64 = r.get("genzoo_f32_gflops"), r.get("genzoo_f64_gflops")
+        flops32 = "n/a" if g32 is None else f"{g32:.1f} ({peaks['float32']:.0f})"
+        flops64 = "n/a" if g64 is None else f"{g64:.1f} ({peaks['float64']:.0f})"
+        lines.append(f"| {r['n']:.0e} | {r['d']} | {r['covariance_type']} | {fmt(r['genzoo_em_s'])} "
+                     f"| {fmt(r['genzoo_f32_em_s'])} | {ratio(r['f32_ratio_vs_sklearn'])} | {ratio(r['f32_ratio_vs_torchgmm'])} "
+                     f"| {flops32} | {flops64} | {r['f32_loglik_rel_diff']:.1e} |")
+    return head + "\n".join(lines)
 
 
 def table(rows) -> str:
@@ -189,6 +232,8 @@ def main() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
+    peaks = {str(dt).removeprefix("torch."): gemm_peak(dt) for dt in (torch.float32, torch.float64)}
+    log(f"GEMM peak, {args.threads} thread(s): {peaks}")
     rows = []
     for n in (10_000,) if args.quick else (10_000, 100_000):
         for dim in (2, 64):
@@ -198,12 +243,18 @@ def main() -> None:
                 log(json.dumps(rows[-1]))
     out = ROOT / "bench" / "results" / "gmm.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": args.threads, "k": K, "chunk": CHUNK}
+    meta = {"torch": torch.__version__, "threads": args.threads, "k": K, "chunk": CHUNK, "gemm_peak_gflops": peaks}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(table(rows))
     print(f"\nK = {K}; per-iteration times as (t(n+1) - t(1)) / n with {args.threads} thread(s) for torch and BLAS; "
           "genzoo and scikit-learn in float64, torchgmm in float32; genzoo's EM step feeds e_step "
           f"{CHUNK}-row chunks. Log-likelihoods are per example after n + 1 iterations.")
+    print("\n### `gmm.precision: float32`\n")
+    print(precision_table(rows, peaks))
+    print("\nThe same EM from the same start with `precision: float32` (E-step arithmetic in float32, statistics "
+          "in float64). GFLOP/s: the E- and M-step matrix products (4 N K D^2 flops) per float32 / float64 EM "
+          "step; in brackets the machine's square-GEMM peak measured in this run with the same threads. Loglik "
+          "rel. diff: float32 against float64 after the same iterations.")
 
 
 if __name__ == "__main__":

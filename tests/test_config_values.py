@@ -75,6 +75,7 @@ BAD = {
     "gmm.seed": -1,
     "gmm.conditional": "maybe",
     "gmm.class_components": 0,
+    "gmm.precision": "float16",
     # hmm
     "hmm.n_states": 0,
     "hmm.emission": "poisson",

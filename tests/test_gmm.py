@@ -134,6 +134,39 @@ def test_em_through_trainer_matches_sklearn(tmp_path, covariance_type):
     assert metrics["train/loglik"].item() == pytest.approx(before.score(x64), rel=1e-5)
 
 
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_float32_em_follows_sklearns_float64_em(covariance_type, offset):
+    """`precision: float32`: E-steps in float32 (blocks of E_STEP_ROWS rows), statistics summed in float64 about
+    the mean of the component means. Far from the origin (offset 1e3, spread ~1) raw float32 sums of squares
+    would cancel to nothing; the log-likelihood still follows scikit-learn's float64 EM within 1e-6 relative."""
+    from lightning_modules.gmm.model import E_STEP_ROWS
+
+    n_iter, k, reg = 8, 3, 1e-3
+    rng = np.random.default_rng(2)
+    x64 = blobs(rng, n=int(2.5 * E_STEP_ROWS), dim=4) + offset
+    x = torch.from_numpy(x64)
+    weights, _, cov, _ = random_mixture(rng, k, x.shape[1], covariance_type)
+    means = x64[rng.choice(len(x), k, replace=False)]
+    histories = {}
+    for precision in ("float64", "float32"):
+        model = gmm_with(weights, means, cov, covariance_type, DataInfo(shape=(4,), kind="vector"), reg_covar=reg,
+                         precision=precision)
+        histories[precision] = fit_em(model, x, n_iter)
+
+    def sklearn_fit(max_iter):
+        gm = GaussianMixture(k, covariance_type=covariance_type, reg_covar=reg, max_iter=max_iter, tol=0.0,
+                             weights_init=weights, means_init=means, precisions_init=precisions(cov, covariance_type))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning: tol=0 on purpose
+            return gm.fit(x64)
+
+    # fit_em's last entry is the log-likelihood its last E-step saw: sklearn's after n_iter - 1 (E, M) steps
+    assert histories["float64"][-1] == pytest.approx(sklearn_fit(n_iter - 1).score(x64), rel=1e-9)
+    np.testing.assert_allclose(histories["float32"], histories["float64"], rtol=1e-6)
+    np.testing.assert_allclose(model.means.numpy(), sklearn_fit(n_iter).means_, rtol=1e-5, atol=1e-5)
+
+
 # --- (2) two DDP processes = one process --------------------------------------------------------------
 def fit_to_checkpoint(tmp_path, name: str, cfg: dict, **trainer_kw) -> str:
     """Fit on digits, then save as the pipeline's train stage does (after fit, from the main process)."""

@@ -16,7 +16,7 @@ An EM family's Config has `seed`, `init_subsample`, `tol`, `reg_covar` and `semi
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,8 @@ from lightning_modules.contract import UNLABELLED, GenerativeModel
 
 Stats = Dict[str, Tensor]
 DTYPE = torch.float64  # EM parameters and statistics
+Precision = Literal["float64", "float32"]  # a `precision` option: the dtype of the E-step's arithmetic
+PRECISION_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class EMModel(GenerativeModel):
@@ -153,6 +155,11 @@ class EMModel(GenerativeModel):
     def validation_step(self, batch, batch_idx):
         nll = -self.log_prob(batch[0]).mean()
         self.log("val/loss", nll, on_epoch=True, sync_dist=True, batch_size=len(batch[0]))
+
+
+def sum_stats(parts: List[Stats]) -> Stats:
+    """The statistics of several blocks of examples as one: every entry is a sum over examples."""
+    return {k: sum((p[k] for p in parts[1:]), parts[0][k]) for k in parts[0]}
 
 
 def fit_em(model: EMModel, x: Tensor, max_iter: int, tol: float = 0.0, y: Optional[Tensor] = None) -> List[float]:
