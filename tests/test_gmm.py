@@ -91,6 +91,16 @@ def gmm_with(weights, means, cov, covariance_type: str, info: DataInfo, **cfg) -
     return model
 
 
+def sklearn_em(x64, weights, means, cov, covariance_type: str, reg: float, max_iter: int) -> GaussianMixture:
+    """scikit-learn's float64 EM from these parameters: with all three *_init given, its first E-step uses exactly
+    them, then it runs max_iter (E, M) pairs; tol=0 never stops early."""
+    gm = GaussianMixture(len(weights), covariance_type=covariance_type, reg_covar=reg, max_iter=max_iter, tol=0.0,
+                         weights_init=weights, means_init=means, precisions_init=precisions(cov, covariance_type))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: tol=0 on purpose
+        return gm.fit(x64)
+
+
 def scipy_joint_log_prob(x, weights, means, full_covs) -> np.ndarray:
     return np.stack([np.log(w) + multivariate_normal(m, c).logpdf(x) for w, m, c in zip(weights, means, full_covs)], 1)
 
@@ -112,13 +122,7 @@ def test_em_through_trainer_matches_sklearn(tmp_path, covariance_type):
     assert trainer.current_epoch == n_iter
 
     def sklearn_fit(max_iter):
-        # with all three *_init given, sklearn's first E-step uses exactly these parameters, then runs
-        # max_iter (E, M) pairs; tol=0 never stops early
-        gm = GaussianMixture(k, covariance_type=covariance_type, reg_covar=reg, max_iter=max_iter, tol=0.0,
-                             weights_init=weights, means_init=means, precisions_init=precisions(cov, covariance_type))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ConvergenceWarning: tol=0 on purpose
-            return gm.fit(x64)
+        return sklearn_em(x64, weights, means, cov, covariance_type, reg, max_iter)
 
     sk = sklearn_fit(n_iter)
     ours = model.log_prob(torch.from_numpy(x)).mean().item()
@@ -155,11 +159,7 @@ def test_float32_em_follows_sklearns_float64_em(covariance_type, offset):
         histories[precision] = fit_em(model, x, n_iter)
 
     def sklearn_fit(max_iter):
-        gm = GaussianMixture(k, covariance_type=covariance_type, reg_covar=reg, max_iter=max_iter, tol=0.0,
-                             weights_init=weights, means_init=means, precisions_init=precisions(cov, covariance_type))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ConvergenceWarning: tol=0 on purpose
-            return gm.fit(x64)
+        return sklearn_em(x64, weights, means, cov, covariance_type, reg, max_iter)
 
     # fit_em's last entry is the log-likelihood its last E-step saw: sklearn's after n_iter - 1 (E, M) steps
     assert histories["float64"][-1] == pytest.approx(sklearn_fit(n_iter - 1).score(x64), rel=1e-9)
