@@ -80,7 +80,9 @@ def hmmlearn_model(kind: str, p: dict, n_iter: int):
 
 def genzoo_model(kind: str, p: dict, steps: int) -> HMM:
     if kind == "categorical":
-        m = HMM({"n_states": N_STATES, "pseudocount": 0.0}, {"shape": (steps,), "kind": "sequence", "vocab_size": VOCAB})
+        # the model hmmlearn fits: a given start (not the bigram one), maximum likelihood, float64
+        m = HMM({"n_states": N_STATES, "pseudocount": 0.0, "init": "random", "transition_pseudocount": 0.0,
+                 "precision": "float64"}, {"shape": (steps,), "kind": "sequence", "vocab_size": VOCAB})
         m.emission.probs.copy_(torch.from_numpy(p["probs"]))
     else:
         m = HMM({"n_states": N_STATES, "covariance_type": kind, "reg_covar": 0.0}, {"shape": (steps, DIM), "kind": "sequence"})

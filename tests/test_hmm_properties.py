@@ -4,7 +4,8 @@ T <= 5) given directly by their start, transition and log-emission matrices: cat
 a probability table at drawn tokens, with zeros) and Gaussian-like ones (log densities of drawn points,
 down to thousands of nats), sparse transitions with exact zeros, peaked ones (1e-300, subnormals), padded
 batches. Checked: log p(x), gamma, the transition counts xi (summed, and per sequence with one chain per
-sequence), K chains side by side, the Viterbi path and score, and that padding changes nothing.
+sequence), K chains side by side, the Viterbi path and score, that padding changes nothing, and the float32
+recursions (`hmm.precision`) against the enumeration of the same HMM rounded to float32.
 
 The fast profile (tests/conftest.py) draws a bounded number of examples; HYPOTHESIS_PROFILE=slow many more."""
 from __future__ import annotations
@@ -203,3 +204,33 @@ def test_padding_changes_nothing(case, extra):
     if np.isfinite(batch.loglik.numpy()).all():
         np.testing.assert_allclose(batch.trans_counts.numpy(), sum(p.trans_counts for p in alone).numpy(),
                                    rtol=1e-12, atol=1e-15)
+
+
+def tolerance32(ll: float) -> float:
+    """Absolute tolerance of float32 posteriors: float32 rounding (~6e-8) of log-probabilities of size |log p(x)|,
+    accumulated over the <= 5 steps and the forward, backward and log p(x) they are formed from."""
+    return 1e-5 + 2e-6 * (abs(ll) if np.isfinite(ll) else 0.0)
+
+
+@given(hmm_cases())
+def test_float32_forward_backward_equals_enumeration_to_float32_rounding(case):
+    """In float32 (`hmm.precision`), on the same cases rounded to float32 (weights below float32's range, 1e-300
+    and the subnormals, become exact zeros there): log p(x), gamma and xi equal the float64 enumeration of the
+    rounded HMM to float32's rounding, impossible sequences stay -inf, zero transitions keep zero counts."""
+    start, trans, log_emit, lengths = case
+    rounded = [a.astype(np.float32).astype(np.float64) for a in (start, trans, log_emit)]
+    refs = [brute_force(*rounded[:2], rounded[2][i], lengths[i]) for i in range(len(lengths))]
+    ref_ll = np.array([r[0] for r in refs])
+    s, a, e, mask = (t.float() if t.is_floating_point() else t for t in as_torch(*rounded, lengths))
+    post = fb.forward_backward(s, a, e, mask)
+    assert post.loglik.dtype == torch.float32 and post.trans_counts.dtype == torch.float32
+    np.testing.assert_array_equal(np.isfinite(post.loglik.numpy()), np.isfinite(ref_ll))
+    possible = np.isfinite(ref_ll)
+    np.testing.assert_allclose(post.loglik.numpy()[possible], ref_ll[possible], rtol=2e-6, atol=1e-4)
+    for i in np.flatnonzero(possible):
+        np.testing.assert_allclose(post.gamma[i].numpy(), refs[i][1], rtol=0, atol=tolerance32(ref_ll[i]))
+    if possible.all():
+        assert np.isfinite(post.gamma.numpy()).all() and np.isfinite(post.trans_counts.numpy()).all()
+        assert (post.trans_counts.numpy()[rounded[1] == 0] == 0).all()
+        np.testing.assert_allclose(post.trans_counts.numpy(), sum(r[2] for r in refs), rtol=0,
+                                   atol=sum(tolerance32(ll) for ll in ref_ll) * lengths.max())

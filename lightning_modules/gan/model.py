@@ -257,9 +257,10 @@ class GAN(GenerativeModel):
         """One step of `optimizer` on `loss`. Its zero_grad also drops the gradients the other player's last
         step left on these parameters.
 
-        Both players' losses are backpropagated through both networks (D's fakes are not detached), so every
-        parameter gets a gradient in every backward pass and plain DDP (find_unused_parameters=False) works;
-        toggle_optimizer would freeze the other network and leave DDP waiting for its gradients."""
+        Under DDP both players' losses are backpropagated through both networks (D's fakes are not detached),
+        so every parameter gets a gradient in every backward pass and plain DDP (find_unused_parameters=False)
+        works; toggle_optimizer would freeze the other network and leave DDP waiting for its gradients. On one
+        process D's fakes are detached: the backward through G that D's step would pay is only dropped."""
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
@@ -276,6 +277,8 @@ class GAN(GenerativeModel):
         log = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=len(x))
 
         fake, y_fake = self.fakes(len(x))
+        if self.trainer.world_size == 1:  # G's gradient from D's loss is dropped anyway (`_optimizer_step`)
+            fake = fake.detach()
         loss_d = (self.k_plus_one_discriminator_loss(x, y, fake) if k_plus_one
                   else self.discriminator_loss(x, fake, y, y_fake))
         loss_d = self._optimizer_step(opt_d, loss_d)

@@ -26,7 +26,7 @@ are taken at max(x, -700) (`_exp_`), which changes nothing above rounding.
 The expected transition counts xi_t(i, j) = alpha_t(i) A_ij b_j(x_t+1) beta_t+1(j) / p(x) (Rabiner
 eq. 37) come from log-space factors: log alpha_t(i) - log p(x) and log b_j(x_t+1) + log beta_t+1(j),
 each step shifted by its maxima, summed as one matmul over the steps whose shifts keep every term above
-1e-276 exact (`_XI_SAFE_LOG_SCALE`); the other steps (factors peaking on states no transition joins)
+1e-276 exact (`_Limits.xi_safe_log_scale`); the other steps (factors peaking on states no transition joins)
 are formed whole in log space, log alpha + log A + log b + log beta - log p(x), and exponentiated
 term by term.
 
@@ -41,9 +41,23 @@ log-sum-exp, so each gets its exact log p(x | chain k) however unlikely it is ne
 
 A sequence that is impossible under the model (log p(x) = -inf) gets NaN posteriors (0 / 0); the
 class-conditional E-step, which can meet one, drops it by its weight 0.
+
+Threads: the loops over time steps run a few thousand small ops per batch (a (B, N) message, a (B, N) x (N, N)
+matmul); on the CPU they run on one thread (`few_threads`) unless a step's matmul is large, and so does the
+HMM's whole E-step (`HMM.e_step`). Splitting each small op over OpenMP's threads gains little on an idle
+machine, and on a loaded one every op waits at the barrier for a descheduled worker: `text` (128 sequences a
+batch, 194 states, float32, 2 cores under a load of about 6) took 5.5 s for 8 batches of forward-backward on 2
+threads and 1.0 s on one; the emission counts' index_add_ of one batch 89 ms against 0.7 ms.
+
+float32 (`hmm.precision`): the same recursions in the inputs' dtype, with the floors scaled to float32's
+range (`_LIMITS`): exps at max(x, -64) (exp(-64) ~ 1.6e-28, a normal float32, so no subnormal slow path),
+matmul results trusted from 1e-12 (what the shift may drop is below N * 1.6e-28) and xi by matmul where
+the shifted factors stay below exp(24). Every result is then float32's rounding (log p(x) within ~1e-6
+relative of float64's) except terms more than 64 nats below their step's largest, which count as 0.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -59,16 +73,54 @@ class Posteriors(NamedTuple):
     trans_counts: Tensor
 
 
-_EXP_FLOOR = -700.0  # exp(-700) ~ 1e-304, still a normal float64 (exp's fast path)
-_EXP_FLOOR_VALUE = math.exp(_EXP_FLOOR)
-# A matmul result with the shared shift is trusted where >= this: what it may have dropped or rounded is
-# below N * 1e-304, far under its rounding
-_MATMUL_TRUSTED = 1e-250
-# xi by matmul at the steps where max log alpha - log p(x) + max (log b + log beta) <= this: every term
-# >= exp(_XI_SAFE_LOG_SCALE + _EXP_FLOOR) ~ 1e-276 then has both factors >= exp(-700), exact to rounding
-_XI_SAFE_LOG_SCALE = 64.0
+class _Limits(NamedTuple):
+    exp_floor: float  # exps are taken at max(x, exp_floor): exp(exp_floor) is still a normal float
+    exp_floor_value: float
+    # A matmul result with the shared shift is trusted where >= this: what it may have dropped or rounded is
+    # below N * exp(exp_floor), far under its rounding
+    matmul_trusted: float
+    # xi by matmul at the steps where max log alpha - log p(x) + max (log b + log beta) <= this: every term
+    # >= exp(xi_safe_log_scale + exp_floor) then has both factors >= exp(exp_floor), exact to rounding
+    xi_safe_log_scale: float
+
+
+# float64: exp(-700) ~ 1e-304 (exp's fast path), terms >= ~1e-276 of xi exact; float32: exp(-64) ~ 1.6e-28
+# (float32's smallest normal is ~1.2e-38), terms >= exp(24 - 64) ~ 4e-18 of xi exact
+_LIMITS = {torch.float64: _Limits(-700.0, math.exp(-700.0), 1e-250, 64.0),
+           torch.float32: _Limits(-64.0, math.exp(-64.0), 1e-12, 24.0)}
+
+
+def _limits(x: Tensor) -> _Limits:
+    try:
+        return _LIMITS[x.dtype]
+    except KeyError:
+        raise TypeError(f"forward-backward runs in float64 or float32, not {x.dtype}") from None
+
 # elements of one (sequences, N, N) chunk of xi formed whole in log space (float64: 32 MiB)
 _XI_CHUNK_ELEMENTS = 1 << 22
+# the time-step loops run on one CPU thread while a step's matmul (B x N x N multiply-adds, all chains) is at
+# most this (`few_threads`)
+_ONE_THREAD_STEP_WORK = 1 << 26
+
+
+@contextlib.contextmanager
+def few_threads(step_work: int, device: torch.device):
+    """One intra-op thread on the CPU while `step_work` (B x N x N: a time step's matmul of B sequences through N
+    states, all chains) is small (see the module's "Threads"); the thread count is restored after."""
+    before = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or before == 1 or step_work > _ONE_THREAD_STEP_WORK:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _few_threads(log_emit: Tensor):
+    """`few_threads` for the recursions over `log_emit` (B, T, [K,] N)."""
+    return few_threads(log_emit[:, 0].numel() * log_emit.shape[-1], log_emit.device)
 
 
 def _per_sequence(m: Tensor, a: Tensor) -> Tensor:
@@ -89,16 +141,18 @@ def _finite_max(x: Tensor, dim: int = -1) -> Tensor:
 
 def _exp_(x: Tensor) -> Tensor:
     """exp(x) in place, exactly 0 where x <= -700 (x = -inf: a zero transition, an unreachable state,
-    padding) and within exp(-700) ~ 1e-304 of exp(x) elsewhere, always on exp's fast path."""
-    return x.clamp_min_(_EXP_FLOOR).exp_().sub_(_EXP_FLOOR_VALUE)
+    padding) and within exp(-700) ~ 1e-304 of exp(x) elsewhere, always on exp's fast path (float32: -64
+    and exp(-64) ~ 1.6e-28)."""
+    lim = _limits(x)
+    return x.clamp_min_(lim.exp_floor).exp_().sub_(lim.exp_floor_value)
 
 
 def _logsumexp_(s: Tensor, dim: int) -> Tensor:
     """log(sum(exp(s))) along dim, consuming s (a fresh temporary): shifted by its max along dim (every term
     in [0, 1], the largest 1), -inf where every term is -inf; terms more than 700 nats below the max count
-    as exp(-700), a relative change of at most N * 1e-304, below rounding."""
+    as exp(-700), a relative change of at most N * 1e-304, below rounding (float32: 64 nats, N * 1.6e-28)."""
     m = s.amax(dim, keepdim=True)
-    total = s.sub_(m.clamp_min(torch.finfo(s.dtype).min)).clamp_min_(_EXP_FLOOR).exp_().sum(dim)
+    total = s.sub_(m.clamp_min(torch.finfo(s.dtype).min)).clamp_min_(_limits(s).exp_floor).exp_().sum(dim)
     return total.log_().add_(m.squeeze(dim))
 
 
@@ -110,7 +164,7 @@ def _log_matmul_exp(x: Tensor, trans: Tensor, log_trans: Tensor) -> Tensor:
     m = _finite_max(x)
     s = _exp_(x - m) @ trans
     out = s.log().add_(m)
-    suspect = s < _MATMUL_TRUSTED
+    suspect = s < _limits(s).matmul_trusted
     if bool(suspect.any()):
         # 0 is exact where no source with alpha > 0 reaches j; elsewhere a small result may have lost its
         # terms to the shared shift: those rows get the per-destination log-sum-exp
@@ -128,9 +182,10 @@ def forward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor) -> Ten
     log_alpha = torch.empty_like(log_emit)
     a = start.log() + _first_emission(log_emit, mask)
     log_alpha[:, 0] = a
-    for t in range(1, log_emit.shape[1]):
-        a = torch.where(_per_sequence(mask[:, t], a), _log_matmul_exp(a, trans, log_trans) + log_emit[:, t], a)
-        log_alpha[:, t] = a
+    with _few_threads(log_emit):
+        for t in range(1, log_emit.shape[1]):
+            a = torch.where(_per_sequence(mask[:, t], a), _log_matmul_exp(a, trans, log_trans) + log_emit[:, t], a)
+            log_alpha[:, t] = a
     return log_alpha
 
 
@@ -145,10 +200,11 @@ def backward(trans: Tensor, log_emit: Tensor, mask: Tensor) -> Tensor:
     log_trans_t = trans_t.log()
     log_beta = torch.zeros_like(log_emit)
     b = torch.zeros_like(log_emit[:, 0])
-    for t in range(log_emit.shape[1] - 2, -1, -1):
-        b = torch.where(_per_sequence(mask[:, t + 1], b),
-                        _log_matmul_exp(log_emit[:, t + 1] + b, trans_t, log_trans_t), torch.zeros_like(b))
-        log_beta[:, t] = b
+    with _few_threads(log_emit):
+        for t in range(log_emit.shape[1] - 2, -1, -1):
+            b = torch.where(_per_sequence(mask[:, t + 1], b),
+                            _log_matmul_exp(log_emit[:, t + 1] + b, trans_t, log_trans_t), torch.zeros_like(b))
+            log_beta[:, t] = b
     return log_beta
 
 
@@ -176,9 +232,9 @@ def transition_counts(trans: Tensor, log_alpha: Tensor, log_evidence: Tensor, ma
     mv = _finite_max(v)
     # xi_t(i, j) = U_ti V_tj A_ij with U = exp(u + mv) and V = exp(v - mv) <= 1. Where max U <= exp(64),
     # any term xi >= exp(64 - 700) has U_i >= xi and V_j >= xi exp(-64), both >= exp(-700): a matmul
-    # of the two is exact to rounding
+    # of the two is exact to rounding (float32: exp(24) and exp(-64))
     log_u = u + mv
-    safe = log_u.amax(-1, keepdim=True) <= _XI_SAFE_LOG_SCALE  # (B, T-1, 1); False for NaN
+    safe = log_u.amax(-1, keepdim=True) <= _limits(u).xi_safe_log_scale  # (B, T-1, 1); False for NaN
     big_u = _exp_(log_u.masked_fill_(~safe, -torch.inf))
     big_v = _exp_(v - mv)
     if trans.dim() == 2:  # one chain: summed over sequences and steps
@@ -215,10 +271,11 @@ def viterbi(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor):
     stay = torch.arange(N, device=log_emit.device).expand(B, N)
     pointers = torch.empty(B, T, N, dtype=torch.long, device=log_emit.device)
     d = start.log() + _first_emission(log_emit, mask)
-    for t in range(1, T):
-        best, arg = (d[:, :, None] + log_trans).max(1)
-        d = torch.where(mask[:, t, None], best + log_emit[:, t], d)
-        pointers[:, t] = torch.where(mask[:, t, None], arg, stay)  # padding: follow the state unchanged
+    with _few_threads(log_emit):
+        for t in range(1, T):
+            best, arg = (d[:, :, None] + log_trans).max(1)
+            d = torch.where(mask[:, t, None], best + log_emit[:, t], d)
+            pointers[:, t] = torch.where(mask[:, t, None], arg, stay)  # padding: follow the state unchanged
     score, state = d.max(-1)
     path = torch.empty(B, T, dtype=torch.long, device=log_emit.device)
     path[:, -1] = state

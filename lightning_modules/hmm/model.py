@@ -5,7 +5,22 @@ features, a vector (D,) as D one-dimensional steps, float sequences (T, D) as th
 contain NaN are padding), token sequences (T,) int64 as they are (-1 is padding). Float frames get
 Gaussian emissions, tokens categorical ones. One training epoch is one exact Baum-Welch step: the
 E-step statistics (expected start, transition and emission counts) are summed over batches and ranks
-by `EMModel`, then `m_step` sets the maximum-likelihood parameters. Everything runs in float64.
+by `EMModel`, then `m_step` sets the maximum-likelihood parameters (categorical: the MAP ones under
+Dirichlet priors, `pseudocount` on the emissions and `transition_pseudocount` on the start and transition
+rows). Parameters and statistics are float64; `precision` sets the E-step's forward-backward arithmetic
+(auto: float32 for tokens, float64 for float frames); log_prob, Viterbi and the rest run in float64.
+
+Token data start from the bigram (`init: bigram`, Jurafsky & Martin ch. 3 for the n-gram; the HMM as its
+generalisation is Rabiner's discrete HMM): `states_per_token` states for every vocabulary entry, each
+emitting (almost only) its own token, with the training split's bigram counts as transition counts and
+the first tokens' counts as start counts, smoothed by `transition_pseudocount` (one state per token and
+no emission pseudocount: exactly the add-k bigram, k = transition_pseudocount). Baum-Welch then only
+raises the training likelihood from the bigram's; with two or more states per token (their rows jittered
+apart) the states of a token learn to tell its contexts apart, which a bigram cannot. `text`, 2 states per
+token (194), transition_pseudocount 0.03: test perplexity 10.8 for the add-k bigram, 10.9 at the start (the
+jitter), 9.6 after 3 Baum-Welch steps and 7.9 after 12 (validation perplexity after 12 steps 9.93; with
+`BIGRAM_JITTER` 0.5, transition_pseudocount 0.03, 0.1 and 0.3 gave 10.10, 10.16 and 10.25). A random start
+with 16 states is at 15.5 after 10 steps and 11.7 after 100 (`_random_transitions`).
 
 Conditional (P(X, Y)): one HMM of `n_states` states per class (Rabiner 1989 sec. VI, the isolated-word
 recogniser), held as one HMM of K * N states in block layout (`common.class_blocks`): the transition
@@ -34,7 +49,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.common import class_blocks, semi_supervised
-from lightning_modules.common.em import DTYPE, EMModel, Stats
+from lightning_modules.common.em import DTYPE, PRECISION_DTYPES, EMModel, Stats
 from lightning_modules.common.gaussian import CovarianceType
 from lightning_modules.contract import Conditional, ConfigError, TrainingSet, require_range
 from lightning_modules.hmm import forward_backward as fb
@@ -44,6 +59,14 @@ from lightning_modules.hmm.sequences import from_sequences, sequence_layout, to_
 
 # Dirichlet concentration of the random transition rows that start a categorical HMM (`HMM._random_transitions`)
 TRANSITION_CONCENTRATION = 0.3
+# The bigram start with several states per token: each transition weight times a seeded U(1 - j, 1 + j) draw, so
+# that the states of a token start apart (identical states would stay identical under Baum-Welch). `text`, 2
+# states per token, transition_pseudocount 0.03: validation perplexity after 12 steps 9.93 with 0.9, 10.10 with
+# 0.5 (the start 13.87 and 13.50; the add-k bigram 13.34)
+BIGRAM_JITTER = 0.9
+# `init: auto` takes the bigram start up to this many states (a Baum-Welch step costs T x states^2 per sequence);
+# a larger vocabulary starts from `n_states` random states instead
+BIGRAM_AUTO_MAX_STATES = 512
 
 
 class HMM(EMModel):
@@ -53,8 +76,14 @@ class HMM(EMModel):
 
     @dataclass
     class Config:
-        n_states: int = 16
+        n_states: int = 16  # states of the HMM (conditional: of each class's); the bigram start sets its own
         emission: Literal["auto", "gaussian", "categorical"] = "auto"  # auto: categorical for tokens
+        # the start: random = k-means of the frames (gaussian) or seeded random rows (categorical); bigram =
+        # token data in an ergodic HMM, `states_per_token` states per vocabulary entry started from the training
+        # split's smoothed bigram (`HMM._bigram_start`); auto: bigram for token data in an ergodic HMM (up to
+        # `BIGRAM_AUTO_MAX_STATES` states)
+        init: Literal["auto", "random", "bigram"] = "auto"
+        states_per_token: int = 2  # the bigram start: vocabulary size * this many states (1: the bigram itself)
         covariance_type: CovarianceType = "full"  # gaussian emissions
         reg_covar: float = 1e-4  # added to every variance in the M-step (scikit-learn's reg_covar)
         # reg_covar when some training labels are UNLABELLED (semi-supervised EM and its initial guesses;
@@ -63,7 +92,11 @@ class HMM(EMModel):
         # accuracy 0.877 with null, 0.951 with 3e-2)
         semi_reg_covar: Optional[float] = 3e-2
         pseudocount: float = 1e-2  # categorical: added to every expected emission count
+        # categorical: added to every expected start and transition count the topology allows (a Dirichlet prior,
+        # MAP, hmmlearn's startprob_prior = transmat_prior = 1 + this); gaussian: not used (maximum likelihood)
+        transition_pseudocount: float = 0.03
         max_epochs: int = 100  # Baum-Welch iterations
+        token_max_epochs: int = 12  # token data: at most this many Baum-Welch iterations (and max_epochs)
         tol: float = 1e-3  # stop when the mean train log-likelihood per sequence changes less
         init_subsample: int = 10_000  # sequences used for the k-means / unigram initialisation
         kmeans_iters: int = 10  # gaussian: Lloyd steps after k-means++ seeding of the state means
@@ -71,18 +104,21 @@ class HMM(EMModel):
         conditional: Conditional = "auto"  # model P(X, Y) when the data have labels (auto), or P(X) alone
         # auto: left_to_right for the per-class HMMs of a conditional model, ergodic for P(X) alone
         topology: Literal["auto", "ergodic", "left_to_right"] = "auto"
+        # the E-step's forward-backward arithmetic (float32: log p(x) within ~1e-6 relative of float64's, about
+        # twice as fast); auto: float32 for token data, float64 for float frames
+        precision: Literal["auto", "float64", "float32"] = "auto"
 
         def __post_init__(self):
-            require_range(self, "n_states", "init_subsample", low=1)
+            require_range(self, "n_states", "init_subsample", "states_per_token", "token_max_epochs", low=1)
             require_range(self, "kmeans_iters", low=0)  # 0: the k-means++ seeds alone
-            require_range(self, "reg_covar", "pseudocount", "tol", low=0)
+            require_range(self, "reg_covar", "pseudocount", "transition_pseudocount", "tol", low=0)
             require_range(self, "semi_reg_covar", low=0, optional=True)
 
         def fits_data(self, data: TrainingSet) -> None:
             """Gaussian emissions: k-means starts the states (conditional: each class's) from distinct frames
             of the training sequences, at least one per state."""
             if self.emission == "categorical" or (self.emission == "auto" and data.info.vocab_size):
-                return  # categorical: started from seeded random (Dirichlet) rows, whatever the data's size
+                return  # categorical: started from the bigram or seeded random rows, whatever the data's size
             steps = sequence_layout(data.info)[0]
             if data.class_counts is None:
                 frames = data.n_examples * steps
@@ -111,8 +147,19 @@ class HMM(EMModel):
         # K blocks (classes; 1 when unconditional) of `n_states` states, each split over `segments`
         self.n_blocks = self.num_classes or 1
         left_to_right = c.topology == "left_to_right" or (c.topology == "auto" and self.conditional)
-        self.segments = min(c.n_states, steps) if left_to_right else 1
-        n = self.n_blocks * c.n_states
+        self.init_kind = c.init if c.init != "auto" else (
+            "bigram" if emission == "categorical" and not left_to_right
+            and c.states_per_token * dim <= BIGRAM_AUTO_MAX_STATES else "random")
+        if self.init_kind == "bigram" and emission != "categorical":
+            raise ConfigError("init", f"bigram needs token data (categorical emissions), not {self.info.kind} floats")
+        if self.init_kind == "bigram" and left_to_right:
+            raise ConfigError("init", "bigram needs an ergodic HMM (topology: ergodic), not a left-to-right one")
+        # states per block: one class's HMM (conditional), or the HMM
+        self.n_states = c.states_per_token * dim if self.init_kind == "bigram" else c.n_states
+        self.segments = min(self.n_states, steps) if left_to_right else 1
+        n = self.n_blocks * self.n_states
+        self.estep_dtype = (PRECISION_DTYPES[c.precision] if c.precision != "auto"
+                            else torch.float32 if emission == "categorical" else DTYPE)
         start, trans = (allowed.to(DTYPE) for allowed in self._topology())
         self.register_buffer("startprob", (start / start.sum()).repeat(self.n_blocks))
         self.register_buffer("transmat", torch.block_diag(*[trans / trans.sum(1, keepdim=True)] * self.n_blocks))
@@ -125,7 +172,7 @@ class HMM(EMModel):
     # --- the HMM itself ---------------------------------------------------------------------------
     def _state_segments(self) -> Tensor:
         """Each state's segment of the sequence, (N,) (one class's block; all 0 when ergodic)."""
-        n = self.config.n_states
+        n = self.n_states
         return torch.arange(n) * self.segments // n
 
     def _topology(self):
@@ -134,25 +181,41 @@ class HMM(EMModel):
         seg = self._state_segments()
         return seg == 0, (seg[None, :] >= seg[:, None]) & (seg[None, :] <= seg[:, None] + 1)
 
+    def _allowed(self):
+        """(start (K * N,), transitions (K * N, K * N)) the topology allows in every class's block, as 0/1
+        float64."""
+        start, trans = (allowed.to(DTYPE) for allowed in self._topology())
+        return start.repeat(self.n_blocks), torch.block_diag(*[trans] * self.n_blocks)
+
     def set_parameters(self, startprob: Tensor, transmat: Tensor) -> None:
         """Conditional: K * N states class by class, startprob summing to 1 within each class's block,
         transmat block-diagonal."""
         self.startprob.copy_(startprob)
         self.transmat.copy_(transmat)
 
-    def _log_emit(self, seq: Tensor) -> Tensor:
+    def _log_emit(self, seq: Tensor, dtype: torch.dtype = DTYPE) -> Tensor:
+        """log p(x_t | z_t = n), (B, T, N), in dtype (categorical: the table rounded to it, then gathered)."""
+        if isinstance(self.emission, CategoricalEmission):
+            return self.emission.probs.log().to(dtype).T[seq]
         b, t = seq.shape[:2]
-        return self.emission.log_prob(seq.reshape(b * t, *seq.shape[2:])).view(b, t, -1)
+        return self.emission.log_prob(seq.reshape(b * t, *seq.shape[2:])).view(b, t, -1).to(dtype)
 
-    def posteriors(self, x: Tensor):
+    @staticmethod
+    def _forward_backward(start: Tensor, trans: Tensor, log_emit: Tensor, mask: Tensor, dtype) -> fb.Posteriors:
+        """`fb.forward_backward` in `dtype` (the parameters and emission log-probabilities rounded to it), the
+        posteriors and log-likelihoods returned in float64."""
+        post = fb.forward_backward(start.to(dtype), trans.to(dtype), log_emit.to(dtype), mask)
+        return fb.Posteriors(*(t.to(DTYPE) for t in post))
+
+    def posteriors(self, x: Tensor, dtype: torch.dtype = DTYPE):
         seq, mask = to_sequences(x, self.info)
-        return seq, mask, fb.forward_backward(self.startprob, self.transmat, self._log_emit(seq), mask)
+        return seq, mask, self._forward_backward(self.startprob, self.transmat, self._log_emit(seq, dtype), mask, dtype)
 
     # --- one HMM per class (conditional) ------------------------------------------------------------
     def _class_hmms(self, log_emit: Tensor):
         """Each class's HMM: start (K, N), transitions (K, N, N) (the diagonal blocks) and log_emit
         (B, T, K * N) -> (B, T, K, N)."""
-        k, n = self.n_blocks, self.config.n_states
+        k, n = self.n_blocks, self.n_states
         trans = self.transmat.view(k, n, k, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         return self.startprob.view(k, n), trans, log_emit.unflatten(-1, (k, n))
 
@@ -162,14 +225,14 @@ class HMM(EMModel):
         y = y.to(log_emit.device)
         return start[y], trans[y], log_emit[torch.arange(len(y), device=y.device), :, y]
 
-    def _class_posteriors(self, log_emit: Tensor, mask: Tensor, y: Tensor):
+    def _class_posteriors(self, log_emit: Tensor, mask: Tensor, y: Tensor, dtype: torch.dtype = DTYPE):
         """Forward-backward of each labelled sequence in its class's HMM and of each UNLABELLED one in every
         class's (`semi_supervised.class_pairs`), the posteriors weighted by p(class | x) (1 for a known class)
         and put back in the class's block: gamma (B, T, K * N), transition counts (K * N, K * N),
         block-diagonal, and the `semi_supervised.PairPosterior`."""
         y = y.to(log_emit.device)
         rows, classes = semi_supervised.class_pairs(y, self.n_blocks)
-        post = fb.forward_backward(*self._in_class(log_emit[rows], classes), mask[rows])
+        post = self._forward_backward(*self._in_class(log_emit[rows], classes), mask[rows], dtype)
         pairs = semi_supervised.pair_posteriors(post.loglik, rows, classes, y, self.label_log_prior)
         b, (t, n) = len(y), post.gamma.shape[1:]
         gamma = post.gamma.new_zeros(b, self.n_blocks, t, n)
@@ -187,7 +250,7 @@ class HMM(EMModel):
         seq, mask = to_sequences(x, self.info)
         start = self.startprob
         if self.conditional:
-            start = start * class_blocks.repeat_per_block(self.class_log_prior().exp(), self.config.n_states).to(start)
+            start = start * class_blocks.repeat_per_block(self.class_log_prior().exp(), self.n_states).to(start)
         return fb.viterbi(start, self.transmat, self._log_emit(seq), mask)[0]
 
     # --- EM ---------------------------------------------------------------------------------------
@@ -201,10 +264,13 @@ class HMM(EMModel):
         return onehot.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
 
     def initialize(self, x: Tensor, y: Optional[Tensor] = None, semi: bool = False) -> None:
-        """Emissions from the data (Gaussian: k-means) or seeded random rows (categorical), and with categorical
-        emissions seeded random transitions too (`_random_transitions`)."""
+        """The bigram start (`_bigram_start`), or emissions from the data (Gaussian: k-means) or seeded random
+        rows (categorical), and with categorical emissions seeded random transitions too (`_random_transitions`)."""
         self._set_variance_floor(semi)
         seq, mask = to_sequences(x, self.info)
+        if self.init_kind == "bigram":
+            self._bigram_start(seq, mask, y)
+            return
         if self.n_blocks * self.segments == 1:
             self.emission.initialize(seq[mask], self.config.seed)
         else:
@@ -225,6 +291,48 @@ class HMM(EMModel):
         weights = torch.from_numpy(rng.standard_gamma(TRANSITION_CONCENTRATION, tuple(allowed.shape))) * allowed
         self.transmat.copy_(weights / weights.sum(1, keepdim=True))
 
+    def _bigram_start(self, seq: Tensor, mask: Tensor, y: Optional[Tensor]) -> None:
+        """States s * V + v (copy s of token v, s < `states_per_token` = S) in every class's block, set as the MAP
+        M-step (`maximize`) sets them from counts that put each token in its own token's states, split evenly
+        over them: transition weights c(a, b) / S^2 + transition_pseudocount between each copy of a and each of
+        b, c(a, b) the times b follows a in the class's training sequences (times a seeded U(0.1, 1.9) jitter
+        when S > 1, `BIGRAM_JITTER`, so that the copies start apart); start weights c(v first) / S +
+        transition_pseudocount; emission counts c(v) / S + 1 on the state's own token, plus `pseudocount` on
+        every token. With S = 1 and pseudocount 0 the HMM is the add-k bigram with k = transition_pseudocount,
+        the start row that of the first token (`pipeline.evaluation.token_baselines`); with S > 1 and no jitter
+        the add-(S^2 k) bigram, the start the add-(S k) one."""
+        vocab, copies, k = self.info.vocab_size, self.config.states_per_token, self.n_blocks
+        seq, mask = seq.cpu(), mask.cpu()
+        block = y.cpu() if self.conditional else torch.zeros(len(seq), dtype=torch.long)
+        block = block[:, None].expand(seq.shape)
+
+        def counts(index: Tensor, size: int) -> Tensor:
+            return torch.bincount(index, minlength=size).to(DTYPE)
+
+        # padding is a suffix: a real token's successor is real where the successor's step is
+        pairs = counts(((block[:, 1:] * vocab + seq[:, :-1]) * vocab + seq[:, 1:])[mask[:, 1:]], k * vocab * vocab)
+        first = counts((block[:, 0] * vocab + seq[:, 0])[mask[:, 0]], k * vocab).view(k, vocab)
+        tokens = counts((block * vocab + seq)[mask], k * vocab).view(k, vocab)
+        alpha = self.config.transition_pseudocount
+        start_allowed, allowed = self._allowed()
+        weights = torch.block_diag(*[p.repeat(copies, copies) for p in pairs.view(k, vocab, vocab)]) / copies ** 2
+        weights = weights + alpha * allowed
+        if copies > 1:
+            rng = np.random.default_rng([self.config.seed, 2])
+            jitter = rng.uniform(1 - BIGRAM_JITTER, 1 + BIGRAM_JITTER, tuple(weights.shape))
+            weights = weights * torch.from_numpy(jitter)
+        rows = weights.sum(1, keepdim=True)  # 0: a token never followed in its class, and no pseudocount
+        transmat = torch.where(rows > 0, weights / rows.clamp_min(torch.finfo(DTYPE).tiny), self.transmat.cpu())
+        start = (first.repeat(1, copies) / copies + alpha).flatten() * start_allowed
+        blocks = start.view(k, -1).sum(1, keepdim=True)  # 0: a class without sequences, and no pseudocount
+        start = torch.where(blocks > 0, start.view(k, -1) / blocks.clamp_min(torch.finfo(DTYPE).tiny),
+                            self.startprob.cpu().view(k, -1)).flatten()
+        self.set_parameters(start.to(self.startprob), transmat.to(self.transmat))
+        states = torch.arange(k * self.n_states)
+        own = torch.zeros(len(states), vocab, dtype=DTYPE)
+        own[states, states % vocab] = tokens.repeat(1, copies).flatten() / copies + 1.0
+        self.emission.m_step({"counts": own.to(self.emission.probs)})
+
     def _init_groups(self, mask: Tensor, y: Optional[Tensor]):
         """Each real frame's group, class * G + its segment (relative position t * G // length), and each
         group's states: the emission initialisation of a conditional or left-to-right HMM."""
@@ -233,20 +341,29 @@ class HMM(EMModel):
         segment = steps * g // mask.sum(1, keepdim=True).clamp_min(1)
         label = y.to(mask.device) if self.conditional else torch.zeros(len(mask), dtype=torch.long, device=mask.device)
         groups = (label[:, None] * g + segment)[mask]
-        seg, n = self._state_segments(), self.config.n_states
+        seg, n = self._state_segments(), self.n_states
         states = [c * n + (seg == s).nonzero().squeeze(1) for c in range(self.n_blocks) for s in range(g)]
         return groups, states
 
+    def _few_threads(self, x: Tensor):
+        """`fb.few_threads` for a batch x: one CPU thread while its time steps are small."""
+        return fb.few_threads(len(x) * self.n_blocks * self.n_states ** 2, x.device)
+
     @torch.no_grad()
     def e_step(self, x: Tensor, y: Optional[Tensor] = None) -> Stats:
+        with self._few_threads(x):
+            return self._e_step(x, y)
+
+    def _e_step(self, x: Tensor, y: Optional[Tensor]) -> Stats:
         stats = {}
         if self.conditional:
             seq, mask = to_sequences(x, self.info)
-            gamma, trans_counts, pairs = self._class_posteriors(self._log_emit(seq), mask, y)
+            gamma, trans_counts, pairs = self._class_posteriors(self._log_emit(seq, self.estep_dtype), mask, y,
+                                                                self.estep_dtype)
             loglik = pairs.loglik
             stats.update(semi_supervised.class_statistics(pairs.class_resp, y.to(loglik.device), self.label_log_prior))
         else:
-            seq, mask, post = self.posteriors(x)
+            seq, mask, post = self.posteriors(x, self.estep_dtype)
             loglik, gamma, trans_counts = post
         stats.update({"loglik": loglik.sum(), "count": loglik.new_tensor(float(len(x))),
                       "start": gamma[:, 0].sum(0), "trans": trans_counts})
@@ -255,16 +372,26 @@ class HMM(EMModel):
 
     @torch.no_grad()
     def maximize(self, stats: Stats, semi: bool) -> None:
-        """Rabiner 1989, eqs. 40a-b (start and transition probabilities); emissions in `hmm_emissions`."""
-        trans = stats["trans"]
+        """Rabiner 1989, eqs. 40a-b (start and transition probabilities; categorical: plus
+        `transition_pseudocount` on every count the topology allows, the MAP estimate); emissions in
+        `hmm_emissions`."""
+        trans, start = stats["trans"], stats["start"]
+        if isinstance(self.emission, CategoricalEmission) and self.config.transition_pseudocount > 0:
+            allowed_start, allowed_trans = (a.to(trans.device) for a in self._allowed())
+            trans = trans + self.config.transition_pseudocount * allowed_trans
+            start = start + self.config.transition_pseudocount * allowed_start
         rows = trans.sum(1, keepdim=True)
         transmat = torch.where(rows > 0, trans / rows.clamp_min(torch.finfo(DTYPE).tiny), self.transmat)
         # conditional: start counts normalised per class (off-block transition counts are exactly 0)
-        start = stats["start"]
         start = class_blocks.normalize_blocks(start, self.n_blocks) if self.conditional else start / start.sum()
         self.set_parameters(start, transmat)
         self._set_variance_floor(semi)
         self.emission.m_step({k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("emission.")})
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.info.vocab_size is not None and self.current_epoch + 1 >= self.config.token_max_epochs:
+            self.trainer.should_stop = True
 
     def _set_variance_floor(self, semi: bool) -> None:
         if isinstance(self.emission, GaussianEmission):
@@ -286,9 +413,10 @@ class HMM(EMModel):
         if self.conditional and y is None:
             return self.marginal_log_prob(x)
         seq, mask = to_sequences(x, self.info)
-        if self.conditional:
-            return fb.loglik(*self._in_class(self._log_emit(seq), y), mask)
-        return fb.loglik(self.startprob, self.transmat, self._log_emit(seq), mask)
+        with self._few_threads(x):
+            if self.conditional:
+                return fb.loglik(*self._in_class(self._log_emit(seq), y), mask)
+            return fb.loglik(self.startprob, self.transmat, self._log_emit(seq), mask)
 
     @torch.no_grad()
     def class_log_likelihoods(self, x: Tensor) -> Tensor:
