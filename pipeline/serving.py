@@ -24,7 +24,9 @@ class GenzooPyfunc:
         self.model = model
 
     def predict(self, model_input, params=None):
-        x = torch.as_tensor(np.asarray(model_input), dtype=torch.float32)
+        """Float data as float32; token sequences (integers) keep their integer type: they index the vocabulary."""
+        x = np.asarray(model_input)
+        x = torch.as_tensor(x) if np.issubdtype(x.dtype, np.integer) else torch.as_tensor(x, dtype=torch.float32)
         with torch.no_grad():
             return self.model(x).cpu().numpy()
 

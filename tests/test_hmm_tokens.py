@@ -319,3 +319,17 @@ def test_text_defaults_beat_the_smoothed_bigram_in_a_few_steps():
     assert start < 1.05 * bigram, (start, bigram)
     fit_em(model, xtr, max_iter=3)
     assert perplexity(model) < 0.93 * bigram, (perplexity(model), bigram)
+
+
+# --- serving ------------------------------------------------------------------------------------------------
+def test_the_pyfunc_wrapper_serves_token_sequences_as_integers():
+    """MLflow's pyfunc input for a token model is an integer array: it must reach the model as token indices
+    (a float32 cast made `genzoo evaluate` on `text` fail to log the input example), and its score is the
+    model's own anomaly score, -log p(x), against the add-k bigram counted in numpy."""
+    from pipeline.serving import GenzooPyfunc
+
+    train, held = random_tokens(60, 0, tokens=range(5)), random_tokens(4, 1)
+    model = HMM({"states_per_token": 1, "pseudocount": 0.0, "transition_pseudocount": 0.3}, token_info())
+    model.initialize(train)
+    served = GenzooPyfunc(model).predict(held.numpy())
+    np.testing.assert_allclose(served, -add_k_bigram_loglik(train, held, 0.3), rtol=1e-10)
