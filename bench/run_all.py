@@ -16,6 +16,7 @@ SCRIPTS = [
     ("Gaussian mixtures: EM iteration vs scikit-learn GaussianMixture and torchgmm", "bench_gmm.py"),
     ("Hidden Markov models: Baum-Welch iteration vs hmmlearn and pomegranate", "bench_hmm.py"),
     ("RBM: training epoch vs scikit-learn BernoulliRBM", "bench_rbm.py"),
+    ("Quality at equal wall time: genzoo against zuko, pythae and scikit-learn on digits", "quality.py"),
     ("Deep families: Lightning overhead and sampling speed of every family", "bench_lightning_loop.py"),
 ]
 

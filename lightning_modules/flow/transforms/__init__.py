@@ -13,10 +13,15 @@ from lightning_modules.flow.transforms.distribution import ClassConditionalNorma
 from lightning_modules.flow.transforms.logit import Logit
 from lightning_modules.flow.transforms.made import MADE
 from lightning_modules.flow.transforms.multiscale import Split
+from lightning_modules.flow.transforms.permutation import Reverse
+from lightning_modules.flow.transforms.spline import (
+    MaskedSplineAutoregressive, SplineCoupling, rational_quadratic_spline,
+)
 from lightning_modules.flow.transforms.squeeze import Flatten, Squeeze
 
 __all__ = [
     "ActNorm", "AffineCoupling", "ClassConditionalNormal", "Flatten", "InvertibleConv1x1", "Logit", "MADE",
-    "MaskedAffineAutoregressive", "NormalizingFlow", "Sequential", "Split", "Squeeze", "StandardNormal", "Transform",
-    "channel_mask", "checkerboard_mask",
+    "MaskedAffineAutoregressive", "MaskedSplineAutoregressive", "NormalizingFlow", "Reverse", "Sequential", "Split",
+    "SplineCoupling", "Squeeze", "StandardNormal", "Transform", "channel_mask", "checkerboard_mask",
+    "rational_quadratic_spline",
 ]
